@@ -1,0 +1,222 @@
+"""Finding an adapter's files and checking them before any weight is touched.
+
+Every refusal here happens on the small ``adapter_config.json`` (and a directory listing), so a bad
+adapter costs no model memory and leaves the loaded base untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Any
+
+from engines import hub
+from engines.catalog import AdapterPolicy, AdapterSpec, BaseSpec, Catalog
+from engines.errors import AdapterRejected, InvalidModelName, ModelNotFound
+from engines.names import is_hub_id, looks_like_path
+
+log = logging.getLogger("peft_gateway.adapters")
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """Where an adapter comes from, before anything is fetched."""
+
+    kind: str  # "local" or "hub"
+    source: str  # absolute folder for "local", repo id for "hub"
+    revision: str | None = None
+    token: str | None = None
+    alias: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Identity of the adapter's weights: the same key means the same merged variant."""
+        return f"{self.source}@{self.revision}" if self.revision else self.source
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """A local folder holding an adapter whose config passed the checks that need no base weights."""
+
+    ref: AdapterRef
+    folder: Path
+    config: dict[str, Any]
+    weights_file: Path
+
+    @property
+    def rank(self) -> int:
+        return int(self.config.get("r", 0))
+
+    @property
+    def target_modules(self) -> list[str] | str:
+        targets = self.config.get("target_modules") or []
+        return targets if isinstance(targets, str) else list(targets)
+
+
+def resolve_adapter_ref(catalog: Catalog, base: BaseSpec, adapter: str, revision: str | None) -> AdapterRef:
+    """Turn the adapter part of a model name into a reference: alias, local folder, or Hub id."""
+    spec = catalog.adapter_alias(adapter)
+    if spec is not None:
+        return _ref_from_alias(catalog.policy, base, spec, revision)
+    local = local_adapter_folder(catalog.policy, adapter)
+    if local is not None:
+        return AdapterRef(kind="local", source=str(local), alias=None)
+    if looks_like_path(adapter):
+        raise ModelNotFound(
+            f"Adapter folder '{adapter}' was not found under any configured adapter folder "
+            f"({_roots_text(catalog.policy)})."
+        )
+    if is_hub_id(adapter):
+        return AdapterRef(kind="hub", source=adapter, revision=revision, token=base.token)
+    known = ", ".join(sorted(a.alias for a in catalog.adapters)) or "none configured"
+    raise ModelNotFound(
+        f"Adapter '{adapter}' is not a configured alias ({known}), a folder under the adapter folders, "
+        "or a Hub id of the form 'org/name'."
+    )
+
+
+def _ref_from_alias(
+    policy: AdapterPolicy, base: BaseSpec, spec: AdapterSpec, revision: str | None
+) -> AdapterRef:
+    if spec.base and spec.base != base.name and spec.base not in base.aliases:
+        raise AdapterRejected(
+            f"Adapter '{spec.alias}' is configured for base '{spec.base}', not '{base.name}'; "
+            f"use '{spec.base}+{spec.alias}'."
+        )
+    if is_hub_id(spec.source) and not Path(spec.source).is_dir():
+        return AdapterRef(
+            kind="hub",
+            source=spec.source,
+            revision=revision or spec.revision,
+            token=spec.token or base.token,
+            alias=spec.alias,
+        )
+    folder = Path(spec.source).expanduser().resolve()
+    if not folder.is_dir():
+        raise ModelNotFound(f"Adapter '{spec.alias}' points to '{spec.source}', which is not a folder.")
+    return AdapterRef(kind="local", source=str(folder), alias=spec.alias)
+
+
+def _roots_text(policy: AdapterPolicy) -> str:
+    return ", ".join(str(root) for root in policy.adapter_dirs) or "none configured"
+
+
+def local_adapter_folder(policy: AdapterPolicy, text: str) -> Path | None:
+    """The real folder ``text`` names inside one of the adapter roots, or ``None``.
+
+    Paths are resolved (symlinks included) before the containment check, so neither ``..`` nor a
+    symlink can lead outside the roots; an absolute path outside them is refused rather than read.
+    """
+    if "\x00" in text:
+        raise InvalidModelName("Adapter path contains a NUL character.")
+    path = PurePath(os.path.expanduser(text))
+    roots = [root.expanduser().resolve() for root in policy.adapter_dirs]
+    candidates = [Path(path)] if path.is_absolute() else [root / path for root in roots]
+    for candidate in candidates:
+        real = candidate.resolve()
+        inside = any(real == root or root in real.parents for root in roots)
+        if not inside:
+            if path.is_absolute() or text.startswith("~"):
+                raise InvalidModelName(
+                    f"Adapter path '{text}' is outside the configured adapter folders "
+                    f"({_roots_text(policy)})."
+                )
+            if candidate.exists():
+                raise InvalidModelName(
+                    f"Adapter path '{text}' leads outside the configured adapter folders (symlink?)."
+                )
+            continue
+        if real.is_dir() and (real / "adapter_config.json").is_file():
+            return real
+    return None
+
+
+def fetch_adapter(ref: AdapterRef) -> Path:
+    """The local folder holding the adapter's files, downloading only adapter files from the Hub."""
+    if ref.kind == "local":
+        return Path(ref.source)
+    return hub.snapshot(
+        ref.source,
+        revision=ref.revision,
+        allow_patterns=hub.ADAPTER_FILES,
+        token=ref.token,
+        what="adapter",
+    )
+
+
+def read_adapter_files(ref: AdapterRef, folder: Path, policy: AdapterPolicy) -> AdapterFiles:
+    """Read and check ``adapter_config.json`` and find the weights file, refusing what cannot work."""
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        raise AdapterRejected(f"Adapter '{ref.key}' has no adapter_config.json: it is not a PEFT adapter.")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterRejected(f"Adapter '{ref.key}' has an unreadable adapter_config.json: {exc}") from exc
+    if not isinstance(config, dict):
+        raise AdapterRejected(f"Adapter '{ref.key}': adapter_config.json is not a JSON object.")
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise AdapterRejected(
+            f"Adapter '{ref.key}' is a PEFT '{peft_type or 'unknown'}' adapter; only LoRA adapters can "
+            "be merged."
+        )
+    if config.get("use_dora"):
+        raise AdapterRejected(f"Adapter '{ref.key}' uses DoRA, which this gateway does not merge.")
+    rank = config.get("r")
+    if not isinstance(rank, int) or rank <= 0:
+        raise AdapterRejected(f"Adapter '{ref.key}' has an invalid LoRA rank r={rank!r}.")
+    ranks = [rank, *[v for v in (config.get("rank_pattern") or {}).values() if isinstance(v, int)]]
+    if max(ranks) > policy.max_rank:
+        raise AdapterRejected(
+            f"Adapter '{ref.key}' has LoRA rank {max(ranks)}, above this gateway's maximum of "
+            f"{policy.max_rank} ([adapters] max_rank)."
+        )
+    if not config.get("target_modules") and not config.get("target_parameters"):
+        raise AdapterRejected(f"Adapter '{ref.key}' names no target_modules.")
+    safetensors = folder / "adapter_model.safetensors"
+    pickle = folder / "adapter_model.bin"
+    if safetensors.is_file():
+        weights = safetensors
+    elif pickle.is_file():
+        if not policy.allow_pickle:
+            raise AdapterRejected(
+                f"Adapter '{ref.key}' ships its weights only as pickle (adapter_model.bin), which can run "
+                "code when loaded; set allow_pickle = true in the gateway config to accept it."
+            )
+        weights = pickle
+    else:
+        raise AdapterRejected(f"Adapter '{ref.key}' has no adapter_model.safetensors weights file.")
+    return AdapterFiles(ref=ref, folder=folder, config=config, weights_file=weights)
+
+
+def check_base_match(files: AdapterFiles, base: BaseSpec, policy: AdapterPolicy) -> None:
+    """Refuse (or, in ``warn`` mode, log) an adapter trained for a different base model."""
+    declared = files.config.get("base_model_name_or_path")
+    if not declared:
+        return
+    if _same_model(str(declared), base.known_names()):
+        return
+    message = (
+        f"Adapter '{files.ref.key}' was trained for base '{declared}', but the requested base is "
+        f"'{base.name}' ({base.source}). Use an adapter made for '{base.name}', add '{declared}' to the "
+        f'base\'s aliases if they are the same model, or set base_match = "warn".'
+    )
+    if policy.base_match == "warn":
+        log.warning("%s Serving it anyway (base_match = warn).", message)
+        return
+    raise AdapterRejected(message)
+
+
+def _same_model(declared: str, names: tuple[str, ...]) -> bool:
+    """Hub ids and local copies of them name the same model when their last components agree."""
+
+    def norm(text: str) -> str:
+        return text.rstrip("/").lower()
+
+    declared_norm = norm(declared)
+    tails = {norm(name).rsplit("/", 1)[-1] for name in names}
+    return declared_norm in {norm(name) for name in names} or declared_norm.rsplit("/", 1)[-1] in tails

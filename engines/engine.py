@@ -1,0 +1,208 @@
+"""The engine's one entry point for the gateway: resolve a model name, prepare a prompt, stream tokens.
+
+It bridges the worker thread (``Scheduler``) to asyncio: events are handed to the event loop with
+``call_soon_threadsafe`` and read from an ``asyncio.Queue``; leaving the async iterator early (client
+gone) cancels the sequence, which the worker drops at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engines.catalog import Catalog
+from engines.errors import ContextLengthExceeded, EngineError, InvalidGenerationRequest
+from engines.generation import ChatMessage, GenerationEvent, GenerationRequest
+from engines.names import ModelName
+from engines.pool import Lease, ModelPool
+from engines.prompts import encode_text, render_chat
+from engines.sampling import SamplingParams
+from engines.scheduler import Scheduler
+from engines.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A row of ``/v1/models``."""
+
+    id: str
+    created: int
+    owned_by: str
+    parent: str | None = None
+    root: str | None = None
+    loaded: bool = False
+    dtype: str | None = None
+    context_length: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_memory_bytes: int | None = None
+    max_models: int | None = None
+    max_batch: int = 16
+    max_waiting: int = 64
+
+
+class Engine:
+    """Catalog + pool + scheduler, owned by the gateway app (``app.state.engine``)."""
+
+    def __init__(self, catalog: Catalog, limits: EngineLimits = EngineLimits()) -> None:
+        self.created = int(time.time())
+        self.pool = ModelPool(catalog, max_bytes=limits.max_memory_bytes, max_models=limits.max_models)
+        self.scheduler = Scheduler(max_active=limits.max_batch, max_waiting=limits.max_waiting)
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.pool.catalog
+
+    @catalog.setter
+    def catalog(self, value: Catalog) -> None:
+        self.pool.catalog = value
+
+    def models(self) -> list[ModelInfo]:
+        """Configured bases and adapters, plus every loaded variant, with ``parent``/``root``."""
+        loaded = {entry.key: entry for entry in self.pool.entries()}
+        rows: list[ModelInfo] = []
+        for base in self.catalog.bases:
+            entry = loaded.get(base.name)
+            rows.append(
+                ModelInfo(
+                    id=base.name,
+                    created=entry.created if entry else self.created,
+                    owned_by="peft-gateway",
+                    root=base.source,
+                    loaded=entry is not None,
+                    dtype=entry.loaded.dtype if entry else None,
+                    context_length=entry.loaded.context_length if entry else base.context_length,
+                )
+            )
+        listed: set[str] = set()
+        for adapter in self.catalog.adapters:
+            try:
+                variant = loaded.get(self.pool.variant_key(adapter.base, adapter.alias))
+            except EngineError:
+                variant = None
+            if variant is not None:
+                listed.add(variant.key)
+            rows.append(
+                ModelInfo(
+                    id=f"{adapter.base}+{adapter.alias}",
+                    created=variant.created if variant else self.created,
+                    owned_by="peft-gateway",
+                    parent=adapter.base,
+                    root=adapter.source,
+                    loaded=variant is not None,
+                    dtype=variant.loaded.dtype if variant else None,
+                )
+            )
+        for entry in loaded.values():
+            if entry.base_key is None or entry.key in listed:
+                continue
+            rows.append(
+                ModelInfo(
+                    id=entry.loaded.name,
+                    created=entry.created,
+                    owned_by="peft-gateway",
+                    parent=entry.base_key,
+                    root=entry.loaded.root,
+                    loaded=True,
+                    dtype=entry.loaded.dtype,
+                    context_length=entry.loaded.context_length,
+                )
+            )
+        return rows
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    async def acquire(self, model: str) -> Lease:
+        """Parse ``model`` and hold the loaded base or variant it names (loading it if needed)."""
+        name = ModelName.parse(model)
+        spec = self.catalog.adapter_alias(name.base) if name.adapter is None else None
+        if spec is not None:  # a bare adapter alias means "<its base>+<alias>"
+            name = ModelName(base=spec.base, adapter=spec.alias, revision=spec.revision)
+        return await self.pool.acquire(name)
+
+    def chat_request(
+        self,
+        lease: Lease,
+        messages: list[ChatMessage],
+        *,
+        max_tokens: int | None,
+        sampling: SamplingParams,
+        stop: tuple[str, ...] = (),
+        request_id: str = "",
+    ) -> GenerationRequest:
+        prompt = render_chat(lease.loaded.tokenizer, messages)
+        return self._request(lease, prompt, max_tokens, sampling, stop, request_id, "messages")
+
+    def text_request(
+        self,
+        lease: Lease,
+        prompt: str | list[int],
+        *,
+        max_tokens: int | None,
+        sampling: SamplingParams,
+        stop: tuple[str, ...] = (),
+        request_id: str = "",
+    ) -> GenerationRequest:
+        ids = (
+            list(prompt)
+            if isinstance(prompt, list)
+            else encode_text(lease.loaded.tokenizer, prompt, add_special_tokens=True)
+        )
+        vocab = len(lease.loaded.tokenizer)
+        if any(not 0 <= token < vocab for token in ids):
+            raise InvalidGenerationRequest(f"Prompt token ids must be in [0, {vocab}).", param="prompt")
+        return self._request(lease, ids, max_tokens, sampling, stop, request_id, "prompt")
+
+    def _request(
+        self,
+        lease: Lease,
+        prompt: list[int],
+        max_tokens: int | None,
+        sampling: SamplingParams,
+        stop: tuple[str, ...],
+        request_id: str,
+        param: str,
+    ) -> GenerationRequest:
+        context = lease.loaded.context_length
+        if not prompt:
+            raise InvalidGenerationRequest("The prompt is empty.", param=param)
+        room = context - len(prompt)
+        if room <= 0 or (max_tokens is not None and max_tokens > room):
+            requested = max_tokens if max_tokens is not None else 1
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {context} tokens. However, you requested "
+                f"{len(prompt) + requested} tokens ({len(prompt)} in the {param}, {requested} for the "
+                "completion). Please reduce the length of the messages or completion.",
+                param=param,
+            )
+        return GenerationRequest(
+            prompt_ids=tuple(prompt),
+            max_tokens=max_tokens if max_tokens is not None else room,
+            sampling=sampling,
+            stop=stop,
+            request_id=request_id,
+        )
+
+    async def generate(self, lease: Lease, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """Stream events for ``request``; closing the iterator early cancels the generation."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+
+        def emit(event: GenerationEvent) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        sequence = Sequence(request, lease.loaded, emit)
+        self.scheduler.submit(sequence)
+        try:
+            while True:
+                event = await queue.get()
+                yield event
+                if event.done:
+                    return
+        finally:
+            sequence.cancel()

@@ -1,0 +1,87 @@
+"""Typed failures of the engine layer.
+
+Each carries enough for the gateway to build an OpenAI error without guessing: the HTTP layer maps the
+class to a status code in one place (``gateway/errors.py``); the message is written for the client.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class: something about a request the engine cannot serve."""
+
+    #: OpenAI ``param`` the failure is about, if any.
+    param: str | None = None
+    #: OpenAI ``code``, if a machine-readable one exists.
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if param is not None:
+            self.param = param
+        if code is not None:
+            self.code = code
+
+
+class InvalidModelName(EngineError):
+    """The ``model`` string cannot be a base, a base+adapter, or a pinned revision (400)."""
+
+    param = "model"
+    code = "invalid_model_name"
+
+
+class ModelNotFound(EngineError):
+    """No configured base, alias, adapter or local folder by that name (404)."""
+
+    param = "model"
+    code = "model_not_found"
+
+
+class AdapterRejected(EngineError):
+    """The adapter exists but cannot be applied to this base (400)."""
+
+    param = "model"
+    code = "invalid_adapter"
+
+
+class AdapterAccessDenied(EngineError):
+    """The Hub refused access to a gated or private repository (401/403 from the Hub)."""
+
+    param = "model"
+    code = "adapter_access_denied"
+
+
+class UpstreamUnavailable(EngineError):
+    """The Hub could not be reached or failed, and nothing usable is cached (502/503)."""
+
+    param = "model"
+    code = "upstream_unavailable"
+
+
+class ModelLoadFailed(EngineError):
+    """Weights on disk could not be loaded (corrupt or incompatible files)."""
+
+    param = "model"
+    code = "model_load_failed"
+
+
+class ContextLengthExceeded(EngineError):
+    """Prompt plus requested completion does not fit the model's context (400)."""
+
+    param = "messages"
+    code = "context_length_exceeded"
+
+
+class InvalidGenerationRequest(EngineError):
+    """A generation parameter the engine cannot honour for this model (400)."""
+
+
+class Overloaded(EngineError):
+    """No capacity now (memory budget or queue); the client should retry later (503)."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -1,0 +1,55 @@
+"""What the gateway asks the engine to generate, and what comes back, as plain dataclasses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engines.errors import EngineError
+from engines.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One message of a conversation; ``content`` is already flattened to text."""
+
+    role: str
+    content: str
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A prompt, already tokenized, and how to continue it."""
+
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """OpenAI's per-token logprob entry: the token's text, its bytes, and the top alternatives."""
+
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+    top: tuple[tuple[str, tuple[int, ...], float], ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    """A step of output: new text (maybe empty while bytes complete), and at the end a finish reason."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None
+    error: EngineError | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None or self.error is not None

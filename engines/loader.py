@@ -1,0 +1,296 @@
+"""Loading base models and building merged base+adapter variants that share the base's tensors.
+
+A merged variant is a *shallow clone* of the base's module tree: every module object is new, but every
+parameter it does not target is the base's own tensor. Only the modules the adapter targets get new
+weights (W' = W + scale * B @ A, computed by peft's own merge in fp32 and cast once), so a q/v adapter
+costs a fraction of the base instead of a full copy, and the base stays unmerged and usable.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engines import hub
+from engines.adapters import AdapterFiles
+from engines.catalog import BaseSpec
+from engines.errors import AdapterRejected, InvalidGenerationRequest, ModelLoadFailed
+
+log = logging.getLogger("peft_gateway.loader")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to generate: weights, tokenizer and the facts the server needs about them."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    dtype: str
+    device: str
+    context_length: int
+    eos_token_ids: frozenset[int]
+    nbytes: int
+    load_seconds: float
+    parent: str | None = None
+    root: str | None = None
+
+
+def resolve_dtype(spec: BaseSpec) -> Any:
+    """The torch dtype for ``spec.dtype``; ``auto`` means bf16 where the device has it natively."""
+    import torch
+
+    if spec.dtype == "float32":
+        return torch.float32
+    if spec.dtype == "bfloat16":
+        return torch.bfloat16
+    if spec.dtype == "float16":
+        return torch.float16
+    if spec.device.startswith("cuda") and torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def base_folder(spec: BaseSpec) -> Path:
+    """The local folder of a base: the configured folder, or a Hub snapshot in the HF cache."""
+    local = Path(spec.source).expanduser()
+    if local.is_dir():
+        return local
+    if local.is_absolute() or spec.source.startswith((".", "~")):
+        raise ModelLoadFailed(f"Base model folder '{spec.source}' of '{spec.name}' does not exist.")
+    return hub.snapshot(
+        spec.source, revision=spec.revision, allow_patterns=hub.BASE_FILES, token=spec.token, what="model"
+    )
+
+
+def load_base(spec: BaseSpec) -> LoadedModel:
+    """Load tokenizer and weights of a configured base; safetensors are preferred over pickle."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    folder = base_folder(spec)
+    dtype = resolve_dtype(spec)
+    has_safetensors = any(folder.glob("*.safetensors"))
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "trust_remote_code": spec.trust_remote_code,
+        "use_safetensors": has_safetensors,
+    }
+    if spec.quantization != "none":
+        kwargs["quantization_config"] = _quantization_config(spec)
+        kwargs["device_map"] = spec.device
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, RuntimeError, ImportError, KeyError) as exc:
+        raise ModelLoadFailed(f"Could not load base model '{spec.name}' from '{folder}': {exc}") from exc
+    if spec.quantization == "none":
+        model.to(spec.device)
+    model.eval()
+    model.requires_grad_(False)
+    context = spec.context_length or int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    loaded = LoadedModel(
+        name=spec.name,
+        model=model,
+        tokenizer=tokenizer,
+        dtype=dtype_name(dtype),
+        device=spec.device,
+        context_length=context,
+        eos_token_ids=_eos_ids(model, tokenizer),
+        nbytes=tensor_bytes(model),
+        load_seconds=time.perf_counter() - started,
+        root=spec.source,
+    )
+    log.info(
+        "loaded base %s (%s, %s, %.1f MiB) in %.2fs",
+        spec.name,
+        loaded.dtype,
+        spec.device,
+        loaded.nbytes / 2**20,
+        loaded.load_seconds,
+    )
+    return loaded
+
+
+def _quantization_config(spec: BaseSpec) -> Any:
+    try:
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:  # pragma: no cover - depends on the transformers build
+        raise ModelLoadFailed("This transformers build has no bitsandbytes support.") from exc
+    if spec.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+def tensor_bytes(model: Any, exclude: set[int] | None = None) -> int:
+    """Bytes held by the model's parameters and buffers, skipping storages listed in ``exclude``."""
+    seen: set[int] = set(exclude or ())
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in seen:
+            continue
+        seen.add(pointer)
+        total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def storage_pointers(model: Any) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+
+def shallow_clone(module: Any) -> Any:
+    """A new module tree whose parameters and buffers are the original's tensors (no copy)."""
+    clone = copy.copy(module)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._modules = {name: shallow_clone(child) for name, child in module._modules.items()}
+    return clone
+
+
+def check_adapter_fits(files: AdapterFiles, base: LoadedModel) -> None:
+    """Refuse an adapter whose target modules or weight shapes do not exist in the base."""
+    modules = dict(base.model.named_modules())
+    targets = files.target_modules
+    leaf_names = {name.rsplit(".", 1)[-1] for name in modules}
+    if isinstance(targets, str):
+        if not any(re.fullmatch(targets, name) for name in modules):
+            raise AdapterRejected(
+                f"Adapter '{files.ref.key}' targets modules matching '{targets}', but base "
+                f"'{base.name}' has none."
+            )
+    else:
+        missing = sorted(t for t in targets if t not in leaf_names and t not in modules)
+        if missing and missing != ["all-linear"]:
+            raise AdapterRejected(
+                f"Adapter '{files.ref.key}' targets modules {missing} that base '{base.name}' does not "
+                f"have (it has e.g. {sorted(leaf_names)[:12]})."
+            )
+    if files.weights_file.suffix == ".safetensors":
+        _check_shapes(files, base, modules)
+
+
+def _check_shapes(files: AdapterFiles, base: LoadedModel, modules: dict[str, Any]) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(files.weights_file), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise AdapterRejected(f"Adapter '{files.ref.key}' has a corrupt weights file: {exc}") from exc
+    for key, shape in shapes.items():
+        match = re.match(r"^(?:base_model\.model\.)?(.*)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight$", key)
+        if not match or len(shape) != 2:
+            continue
+        module_path, which = match.group(1), match.group(2)
+        module = modules.get(module_path)
+        if module is None:
+            raise AdapterRejected(
+                f"Adapter '{files.ref.key}' has weights for '{module_path}', which base '{base.name}' "
+                "does not have: it was made for a different architecture."
+            )
+        in_features = getattr(module, "in_features", None) or getattr(module, "num_embeddings", None)
+        out_features = getattr(module, "out_features", None) or getattr(module, "embedding_dim", None)
+        got, want = (shape[1], in_features) if which == "lora_A" else (shape[0], out_features)
+        if which == "lora_A" and hasattr(module, "num_embeddings"):
+            got = shape[1]
+        if want is not None and got != want:
+            raise AdapterRejected(
+                f"Adapter '{files.ref.key}' does not fit base '{base.name}': '{module_path}' has "
+                f"{which} size {got} where the base has {want}. It was made for a different model size."
+            )
+
+
+def build_variant(base: LoadedModel, files: AdapterFiles, name: str) -> LoadedModel:
+    """Merge ``files`` into a shallow clone of ``base``; only targeted weights get new memory."""
+    import torch
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if base.tokenizer is None:  # pragma: no cover - defensive
+        raise InvalidGenerationRequest("base has no tokenizer")
+    started = time.perf_counter()
+    clone = shallow_clone(base.model)
+    target_dtype = next(base.model.parameters()).dtype
+    try:
+        peft_model = PeftModel.from_pretrained(clone, str(files.folder), is_trainable=False)
+        replaced: list[Any] = []
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer):
+                layer = module.get_base_layer()
+                # Give the targeted layer its own fp32 copy, so the in-place merge neither touches the
+                # shared base tensor nor loses precision to bf16 rounding of the delta.
+                layer.weight = torch.nn.Parameter(
+                    layer.weight.detach().to(torch.float32, copy=True), requires_grad=False
+                )
+                replaced.append(layer)
+        merged = peft_model.merge_and_unload()
+        for layer in replaced:
+            layer.weight = torch.nn.Parameter(layer.weight.detach().to(target_dtype), requires_grad=False)
+    except (ValueError, RuntimeError, KeyError, OSError) as exc:
+        raise AdapterRejected(f"Adapter '{files.ref.key}' could not be merged: {exc}") from exc
+    merged.eval()
+    merged.requires_grad_(False)
+    tokenizer = _adapter_tokenizer(files.folder, base.tokenizer)
+    variant = LoadedModel(
+        name=name,
+        model=merged,
+        tokenizer=tokenizer,
+        dtype=base.dtype,
+        device=base.device,
+        context_length=base.context_length,
+        eos_token_ids=base.eos_token_ids,
+        nbytes=tensor_bytes(merged, exclude=storage_pointers(base.model)),
+        load_seconds=time.perf_counter() - started,
+        parent=base.name,
+        root=files.ref.source,
+    )
+    log.info(
+        "merged adapter %s into %s (+%.1f MiB, %.2fs)",
+        files.ref.key,
+        base.name,
+        variant.nbytes / 2**20,
+        variant.load_seconds,
+    )
+    return variant
+
+
+def _adapter_tokenizer(folder: Path, base_tokenizer: Any) -> Any:
+    """An adapter may ship its own tokenizer (e.g. a different chat template); otherwise the base's."""
+    if not (folder / "tokenizer_config.json").is_file():
+        return base_tokenizer
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        log.warning("adapter tokenizer in %s unusable (%s); using the base's", folder, exc)
+        return base_tokenizer
+    if len(tokenizer) != len(base_tokenizer):
+        raise AdapterRejected(
+            f"Adapter in '{folder}' ships a tokenizer with {len(tokenizer)} tokens but the base has "
+            f"{len(base_tokenizer)}; adapters that resize the vocabulary are not supported."
+        )
+    return tokenizer

@@ -1,0 +1,239 @@
+"""Loaded bases and merged variants: lazy, single-flight, reference-counted, evicted LRU within a budget.
+
+The pool is driven from the asyncio loop; the slow parts (reading weights, downloading, merging) run in
+worker threads. A failed load leaves no entry behind, so the same request can simply be retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engines.adapters import (
+    AdapterRef,
+    check_base_match,
+    fetch_adapter,
+    read_adapter_files,
+    resolve_adapter_ref,
+)
+from engines.catalog import BaseSpec, Catalog
+from engines.errors import AdapterRejected, Overloaded
+from engines.loader import LoadedModel, build_variant, check_adapter_fits, load_base
+from engines.names import ModelName
+
+log = logging.getLogger("peft_gateway.pool")
+
+
+@dataclass
+class PoolEntry:
+    """A loaded model plus the bookkeeping that decides when it may be evicted."""
+
+    key: str
+    loaded: LoadedModel
+    base_key: str | None = None
+    users: int = 0
+    dependents: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def idle(self) -> bool:
+        return self.users == 0 and self.dependents == 0
+
+
+@dataclass
+class PoolStats:
+    """Counters the metrics endpoint reads."""
+
+    loads: dict[str, int] = field(default_factory=dict)
+    load_seconds: dict[str, float] = field(default_factory=dict)
+    hits: dict[str, int] = field(default_factory=dict)
+    misses: dict[str, int] = field(default_factory=dict)
+    evictions: dict[str, int] = field(default_factory=dict)
+
+    @staticmethod
+    def bump(counter: dict[str, Any], key: str, amount: float = 1) -> None:
+        counter[key] = counter.get(key, 0) + amount
+
+
+class Lease:
+    """A loaded model held for one request; release it when the request ends (async with)."""
+
+    def __init__(self, pool: ModelPool, entry: PoolEntry, model_id: str) -> None:
+        self._pool = pool
+        self._entry: PoolEntry | None = entry
+        self.model_id = model_id
+        self.loaded = entry.loaded
+
+    def release(self) -> None:
+        if self._entry is not None:
+            self._pool._release(self._entry)
+            self._entry = None
+
+    async def __aenter__(self) -> Lease:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+
+class ModelPool:
+    """Holds loaded models by key. Bases are keyed by name, variants by ``base+adapter-source@rev``."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        max_bytes: int | None = None,
+        max_models: int | None = None,
+        base_loader: Callable[[BaseSpec], LoadedModel] = load_base,
+    ) -> None:
+        self.catalog = catalog
+        self.max_bytes = max_bytes
+        self.max_models = max_models
+        self.stats = PoolStats()
+        self._entries: dict[str, PoolEntry] = {}
+        self._loading: dict[str, asyncio.Task[PoolEntry]] = {}
+        self._base_loader = base_loader
+
+    def entries(self) -> list[PoolEntry]:
+        return list(self._entries.values())
+
+    @property
+    def bytes_held(self) -> int:
+        return sum(entry.loaded.nbytes for entry in self._entries.values())
+
+    async def acquire(self, name: ModelName) -> Lease:
+        """Load what ``name`` needs (once, however many ask at the same time) and hold it."""
+        spec = self.catalog.base(name.base)
+        if name.adapter is None:
+            entry = await self._get(spec.name, lambda: asyncio.to_thread(self._base_loader, spec))
+            return self._lease(entry, spec.name)
+        if spec.quantization != "none":
+            raise AdapterRejected(
+                f"Base '{spec.name}' is loaded with {spec.quantization} quantization; LoRA adapters cannot "
+                'be merged into 8-bit or 4-bit weights. Configure the base with quantization = "none" '
+                "to serve adapters on it."
+            )
+        ref = resolve_adapter_ref(self.catalog, spec, name.adapter, name.revision)
+        model_id = f"{spec.name}+{ref.alias or name.adapter}" + (f"@{name.revision}" if name.revision else "")
+        variant_key = f"{spec.name}+{ref.key}"
+        if variant_key in self._entries:
+            return self._lease(self._entries[variant_key], model_id)
+        base = await self._get(spec.name, lambda: asyncio.to_thread(self._base_loader, spec))
+        base.dependents += 1  # pin the base while its variant is being built
+        try:
+            entry = await self._get(
+                variant_key, lambda: self._load_variant(spec, base, ref, model_id), base_key=spec.name
+            )
+        finally:
+            base.dependents -= 1
+        return self._lease(entry, model_id)
+
+    def variant_key(self, base: str, adapter: str, revision: str | None = None) -> str:
+        """The pool key ``base+adapter`` would be stored under (raises if it cannot resolve)."""
+        spec = self.catalog.base(base)
+        return f"{spec.name}+{resolve_adapter_ref(self.catalog, spec, adapter, revision).key}"
+
+    async def _load_variant(
+        self, spec: BaseSpec, base: PoolEntry, ref: AdapterRef, model_id: str
+    ) -> LoadedModel:
+        policy = self.catalog.policy
+
+        def work() -> LoadedModel:
+            folder = fetch_adapter(ref)
+            files = read_adapter_files(ref, folder, policy)
+            check_base_match(files, spec, policy)
+            check_adapter_fits(files, base.loaded)
+            return build_variant(base.loaded, files, model_id)
+
+        return await asyncio.to_thread(work)
+
+    def _lease(self, entry: PoolEntry, model_id: str) -> Lease:
+        entry.users += 1
+        entry.last_used = time.monotonic()
+        return Lease(self, entry, model_id)
+
+    def _release(self, entry: PoolEntry) -> None:
+        entry.users -= 1
+        entry.last_used = time.monotonic()
+        self._enforce_budget()
+
+    async def _get(
+        self,
+        key: str,
+        load: Callable[[], Awaitable[LoadedModel]],
+        *,
+        base_key: str | None = None,
+    ) -> PoolEntry:
+        entry = self._entries.get(key)
+        if entry is not None:
+            PoolStats.bump(self.stats.hits, key)
+            entry.last_used = time.monotonic()
+            return entry
+        task = self._loading.get(key)
+        if task is None:
+            PoolStats.bump(self.stats.misses, key)
+            task = asyncio.ensure_future(self._load_entry(key, load, base_key))
+            self._loading[key] = task
+            task.add_done_callback(lambda _t: self._loading.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _load_entry(
+        self, key: str, load: Callable[[], Awaitable[LoadedModel]], base_key: str | None
+    ) -> PoolEntry:
+        started = time.perf_counter()
+        loaded = await load()
+        PoolStats.bump(self.stats.loads, key)
+        PoolStats.bump(self.stats.load_seconds, key, time.perf_counter() - started)
+        entry = PoolEntry(key=key, loaded=loaded, base_key=base_key)
+        if base_key is not None and base_key in self._entries:
+            self._entries[base_key].dependents += 1
+        self._entries[key] = entry
+        entry.users += 1  # protect the fresh entry from its own budget check
+        try:
+            self._enforce_budget()
+            if self._over_budget():
+                self._drop(entry)
+                raise Overloaded(
+                    f"Not enough room in the model cache for '{key}' "
+                    f"({loaded.nbytes / 2**20:.1f} MiB) while other models are in use; retry later "
+                    "or raise [cache] max_memory.",
+                    retry_after=5,
+                )
+        finally:
+            entry.users -= 1
+        return entry
+
+    def _over_budget(self) -> bool:
+        if self.max_models is not None and len(self._entries) > self.max_models:
+            return True
+        return self.max_bytes is not None and self.bytes_held > self.max_bytes
+
+    def _enforce_budget(self) -> None:
+        """Evict idle entries, least recently used first, until the budget holds (or nothing is idle)."""
+        while self._over_budget():
+            idle = [entry for entry in self._entries.values() if entry.idle]
+            if not idle:
+                return
+            victim = min(idle, key=lambda entry: entry.last_used)
+            self._drop(victim)
+            PoolStats.bump(self.stats.evictions, victim.key)
+            log.info("evicted %s (%.1f MiB)", victim.key, victim.loaded.nbytes / 2**20)
+
+    def _drop(self, entry: PoolEntry) -> None:
+        self._entries.pop(entry.key, None)
+        if entry.base_key is not None and entry.base_key in self._entries:
+            self._entries[entry.base_key].dependents -= 1
+
+    def unload(self, key: str) -> bool:
+        """Drop an idle entry now; False when it is unknown or in use."""
+        entry = self._entries.get(key)
+        if entry is None or not entry.idle:
+            return False
+        self._drop(entry)
+        return True

@@ -1,0 +1,73 @@
+"""Turning chat messages and text prompts into token ids with the model's own tokenizer and template."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engines.errors import InvalidGenerationRequest
+from engines.generation import ChatMessage
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_chat(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
+    """Apply the model's chat template (with the generation prompt) and tokenize the result.
+
+    A model without a chat template gets a clear 400 rather than a guessed format: the wrong template
+    silently degrades every answer.
+    """
+    if not has_chat_template(tokenizer):
+        raise InvalidGenerationRequest(
+            "This model has no chat template, so chat messages cannot be formatted for it; use "
+            "/v1/completions with a plain prompt.",
+            param="messages",
+        )
+    conversation: list[dict[str, Any]] = []
+    for message in messages:
+        entry: dict[str, Any] = {"role": message.role, "content": message.content}
+        if message.name:
+            entry["name"] = message.name
+        conversation.append(entry)
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # jinja2 raises TemplateError subclasses, templates raise anything
+        raise InvalidGenerationRequest(
+            f"The model's chat template rejected these messages: {exc}", param="messages"
+        ) from exc
+    return encode_text(tokenizer, str(text))
+
+
+def encode_text(tokenizer: Any, text: str, *, add_special_tokens: bool = False) -> list[int]:
+    """Tokenize text that is already a complete prompt (template output or a completions prompt)."""
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> tuple[str, tuple[int, ...]]:
+    """The text and the raw bytes of a single token, for logprobs."""
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    raw: bytes
+    if isinstance(piece, str) and piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+        raw = bytes([int(piece[3:5], 16)])
+    elif isinstance(piece, str) and _BYTE_DECODER and all(ch in _BYTE_DECODER for ch in piece):
+        raw = bytes(_BYTE_DECODER[ch] for ch in piece)
+    else:
+        raw = str(tokenizer.decode([token_id])).encode("utf-8")
+    return raw.decode("utf-8", errors="replace"), tuple(raw)
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The GPT-2 byte-to-unicode table, reversed: byte-level BPE symbols back to raw bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    codes = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return {chr(code): byte for byte, code in zip(printable, codes, strict=True)}
+
+
+_BYTE_DECODER = _byte_decoder()

@@ -1,0 +1,133 @@
+"""One request's generation state: its KV cache, sampler, decoder, stop filter, and how it finishes.
+
+The scheduler drives sequences step by step; a sequence only knows how to take the logits of its last
+position, pick a token, turn it into text and decide whether it is done.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from engines.detokenize import IncrementalDecoder, StopStringFilter
+from engines.generation import GenerationEvent, GenerationRequest, TokenLogprob
+from engines.loader import LoadedModel
+from engines.prompts import token_bytes
+from engines.sampling import Sampler, TokenChoice
+
+Emit = Callable[[GenerationEvent], None]
+
+
+class Sequence:
+    """A request being generated. Not thread-safe except for ``cancel``."""
+
+    def __init__(self, request: GenerationRequest, model: LoadedModel, emit: Emit) -> None:
+        self.request = request
+        self.model = model
+        self.emit = emit
+        self.cache: Any = None
+        self.logits: Any = None
+        self.generated: list[int] = []
+        self.finished = False
+        self._cancelled = threading.Event()
+        self._sampler = Sampler(request.sampling, device=model.device)
+        self._decoder = IncrementalDecoder(model.tokenizer)
+        self._stops = StopStringFilter(request.stop)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + len(self.generated)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Ask the scheduler to drop this sequence at its next step (called from any thread)."""
+        self._cancelled.set()
+
+    def last_token(self) -> int:
+        return self.generated[-1]
+
+    def step(self) -> None:
+        """Pick a token from ``self.logits``, emit its text, and mark the sequence finished if done."""
+        choice = self._sampler.choose(self.logits)
+        self.logits = None
+        token_id = choice.token_id
+        logprobs = self._logprobs(choice) if self.request.sampling.logprobs else ()
+        if token_id in self.model.eos_token_ids and not self.request.ignore_eos:
+            self.generated.append(token_id)
+            self._finish("stop", logprobs=logprobs, count_token=True)
+            return
+        self.generated.append(token_id)
+        text = self._stops.feed(self._decoder.push(token_id))
+        if self._stops.stopped:
+            self._finish("stop", text=text, logprobs=logprobs, count_token=True, flush=False)
+            return
+        if len(self.generated) >= self.request.max_tokens:
+            self._finish("length", text=text, logprobs=logprobs, count_token=True)
+            return
+        if text or logprobs:
+            self.emit(
+                GenerationEvent(
+                    text=text,
+                    prompt_tokens=self.prompt_tokens,
+                    completion_tokens=len(self.generated),
+                    logprobs=logprobs,
+                )
+            )
+
+    def _finish(
+        self,
+        reason: str,
+        *,
+        text: str = "",
+        logprobs: tuple[TokenLogprob, ...] = (),
+        count_token: bool = True,
+        flush: bool = True,
+    ) -> None:
+        if flush:
+            tail = self._stops.feed(self._decoder.flush())
+            if self._stops.stopped:
+                reason = "stop"
+            else:
+                tail += self._stops.flush()
+            text += tail
+        self.finished = True
+        self.cache = None
+        self.emit(
+            GenerationEvent(
+                text=text,
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=len(self.generated) if count_token else len(self.generated) - 1,
+                logprobs=logprobs,
+                finish_reason=reason,
+            )
+        )
+
+    def fail(self, error: Exception) -> None:
+        """End the sequence with an error event (the gateway turns it into an OpenAI error)."""
+        from engines.errors import EngineError
+
+        self.finished = True
+        self.cache = None
+        engine_error = error if isinstance(error, EngineError) else EngineError(f"Generation failed: {error}")
+        self.emit(
+            GenerationEvent(
+                text="",
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=len(self.generated),
+                error=engine_error,
+            )
+        )
+
+    def _logprobs(self, choice: TokenChoice) -> tuple[TokenLogprob, ...]:
+        tokenizer = self.model.tokenizer
+        text, raw = token_bytes(tokenizer, choice.token_id)
+        top = tuple((*token_bytes(tokenizer, tid), lp) for tid, lp in choice.top)
+        return (TokenLogprob(token=text, bytes=raw, logprob=choice.logprob, top=top),)

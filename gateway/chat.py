@@ -1,0 +1,228 @@
+"""``POST /v1/chat/completions``: validate, lease the model, generate, answer as JSON or SSE."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from engines.engine import Engine
+from engines.errors import EngineError
+from engines.generation import ChatMessage, GenerationRequest
+from engines.pool import Lease
+from engines.sampling import SamplingParams
+from gateway.errors import APIError, from_engine, from_validation, parse_json
+from gateway.protocol import ChatCompletionRequest, SamplingFields
+from gateway.settings import Settings
+from gateway.streaming import (
+    DONE,
+    event_stream,
+    logprob_entries,
+    run_choices,
+    sse_data,
+    usage_dict,
+)
+
+
+def sampling_params(body: SamplingFields, *, choice: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
+    """Engine sampling parameters for choice ``choice`` (its seed offset so choices differ)."""
+    seed = None if body.seed is None else (body.seed + choice) % 2**63
+    return SamplingParams(
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(body.top_k or 0, 0),
+        seed=seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+
+
+def check_limits(settings: Settings, limit: int | None, param: str) -> None:
+    if limit is not None and limit > settings.server.max_tokens_limit:
+        raise APIError(
+            400,
+            f"'{param}' is {limit}, above this gateway's limit of {settings.server.max_tokens_limit}.",
+            param=param,
+            code="invalid_value",
+        )
+
+
+def refuse_unsupported(body: ChatCompletionRequest) -> None:
+    """Parameters this gateway cannot honour are refused, never silently ignored."""
+    if body.tools:
+        raise APIError(
+            400, "This gateway does not support tool calling ('tools').", param="tools", code="unsupported_parameter"
+        )
+    if body.tool_choice not in (None, "none"):
+        raise APIError(
+            400, "This gateway does not support 'tool_choice'.", param="tool_choice", code="unsupported_parameter"
+        )
+    if body.response_format is not None and body.response_format.type != "text":
+        raise APIError(
+            400,
+            f"response_format type '{body.response_format.type}' is not supported; only 'text'.",
+            param="response_format",
+            code="unsupported_parameter",
+        )
+
+
+async def validated(request: Request) -> ChatCompletionRequest:
+    payload = await parse_json(request)
+    if not isinstance(payload, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    try:
+        return ChatCompletionRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise from_validation(exc) from exc
+
+
+async def chat_completions(request: Request) -> Response:
+    body = await validated(request)
+    refuse_unsupported(body)
+    settings: Settings = request.app.state.settings
+    engine: Engine = request.app.state.engine
+    limit = body.token_limit()
+    check_limits(settings, limit, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+    lease = await engine.acquire(body.model)
+    try:
+        messages = [ChatMessage(role=m.role, content=m.text(), name=m.name) for m in body.messages]
+        top = body.top_logprobs or 0
+        requests = [
+            engine.chat_request(
+                lease,
+                messages,
+                max_tokens=limit,
+                sampling=sampling_params(body, choice=i, logprobs=body.logprobs, top_logprobs=top),
+                stop=body.stop_list(),
+                request_id=getattr(request.state, "request_id", ""),
+            )
+            for i in range(body.n)
+        ]
+        if requests[0].max_tokens > settings.server.max_tokens_limit:
+            requests = [_cap(r, settings.server.max_tokens_limit) for r in requests]
+    except BaseException:
+        lease.release()
+        raise
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        frames = _stream(engine, lease, requests, body.model, completion_id, created, include_usage)
+        return event_stream(frames)
+    try:
+        return await _complete(engine, lease, requests, body, completion_id, created)
+    finally:
+        lease.release()
+
+
+def _cap(request: GenerationRequest, limit: int) -> GenerationRequest:
+    from dataclasses import replace
+
+    return replace(request, max_tokens=limit)
+
+
+async def _complete(
+    engine: Engine,
+    lease: Lease,
+    requests: list[GenerationRequest],
+    body: ChatCompletionRequest,
+    completion_id: str,
+    created: int,
+) -> Response:
+    texts = [""] * len(requests)
+    logprobs: list[list[dict[str, Any]]] = [[] for _ in requests]
+    finish: list[str | None] = [None] * len(requests)
+    completion_tokens = [0] * len(requests)
+    prompt_tokens = len(requests[0].prompt_ids)
+    async for index, event in run_choices(engine, lease, requests):
+        if event.error is not None:
+            raise event.error
+        texts[index] += event.text
+        logprobs[index].extend(logprob_entries(event))
+        completion_tokens[index] = event.completion_tokens
+        if event.finish_reason:
+            finish[index] = event.finish_reason
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": texts[i], "refusal": None},
+            "logprobs": {"content": logprobs[i], "refusal": None} if body.logprobs else None,
+            "finish_reason": finish[i],
+        }
+        for i in range(len(requests))
+    ]
+    return JSONResponse(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": body.model,
+            "choices": choices,
+            "usage": usage_dict(prompt_tokens, sum(completion_tokens)),
+            "system_fingerprint": None,
+        }
+    )
+
+
+async def _stream(
+    engine: Engine,
+    lease: Lease,
+    requests: list[GenerationRequest],
+    model: str,
+    completion_id: str,
+    created: int,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """SSE frames: role chunk per choice, content chunks, finish chunk, optional usage, ``[DONE]``."""
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        payload: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+        if include_usage:
+            payload["usage"] = None
+        payload.update(extra)
+        return sse_data(payload)
+
+    want_logprobs = requests[0].sampling.logprobs
+    completion_tokens = [0] * len(requests)
+    try:
+        for index in range(len(requests)):
+            yield chunk(
+                [{"index": index, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]
+            )
+        async for index, event in run_choices(engine, lease, requests):
+            if event.error is not None:
+                yield sse_data(from_engine(event.error).body())
+                yield DONE
+                return
+            completion_tokens[index] = event.completion_tokens
+            entries = {"content": logprob_entries(event), "refusal": None} if want_logprobs else None
+            if event.text or (entries and entries["content"]):
+                yield chunk(
+                    [{"index": index, "delta": {"content": event.text}, "logprobs": entries, "finish_reason": None}]
+                )
+            if event.finish_reason:
+                yield chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason}])
+        if include_usage:
+            yield chunk([], usage=usage_dict(len(requests[0].prompt_ids), sum(completion_tokens)))
+        yield DONE
+    except EngineError as exc:
+        yield sse_data(from_engine(exc).body())
+        yield DONE
+    finally:
+        lease.release()

@@ -1,0 +1,172 @@
+"""Every failure the gateway reports, as OpenAI's error JSON, mapped to HTTP in this one place.
+
+``{"error": {"message", "type", "param", "code"}}`` with the status OpenAI's clients expect: the openai
+SDK turns 400/401/404/413/422/503 into its typed exceptions from these fields.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from engines.errors import (
+    AdapterAccessDenied,
+    AdapterRejected,
+    ContextLengthExceeded,
+    EngineError,
+    InvalidGenerationRequest,
+    InvalidModelName,
+    ModelLoadFailed,
+    ModelNotFound,
+    Overloaded,
+    UpstreamUnavailable,
+)
+
+log = logging.getLogger("peft_gateway.errors")
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    500: "server_error",
+    502: "server_error",
+    503: "service_unavailable_error",
+}
+
+
+class APIError(Exception):
+    """An error response: raise it anywhere in a route and the handler below renders it."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or _TYPES.get(status, "invalid_request_error")
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+_ENGINE_STATUS: tuple[tuple[type[EngineError], int], ...] = (
+    (InvalidModelName, 400),
+    (ModelNotFound, 404),
+    (AdapterRejected, 400),
+    (AdapterAccessDenied, 400),
+    (ContextLengthExceeded, 400),
+    (InvalidGenerationRequest, 400),
+    (Overloaded, 503),
+    (UpstreamUnavailable, 503),
+    (ModelLoadFailed, 500),
+)
+
+
+def from_engine(error: EngineError) -> APIError:
+    """The HTTP rendering of an engine failure."""
+    status = next((code for cls, code in _ENGINE_STATUS if isinstance(error, cls)), 500)
+    headers: dict[str, str] = {}
+    if isinstance(error, Overloaded):
+        headers["Retry-After"] = str(error.retry_after)
+    elif isinstance(error, UpstreamUnavailable):
+        headers["Retry-After"] = "5"
+    return APIError(status, error.message, param=error.param, code=error.code, headers=headers)
+
+
+def param_from_loc(loc: tuple[int | str, ...]) -> str | None:
+    """Pydantic's error location as OpenAI's ``param``: ``messages[0].content``."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part.startswith(("function-", "json-or-python", "str", "list[")) or part in {
+            "constrained-str",
+            "literal",
+        }:
+            continue
+        else:
+            text += f".{part}" if text else part
+    return text or None
+
+
+def from_validation(error: ValidationError) -> APIError:
+    """The first validation problem, with the field it is about as ``param``."""
+    first = error.errors()[0]
+    param = param_from_loc(tuple(first["loc"]))
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = f"Unrecognized request argument supplied: {param}"
+    elif first["type"] == "missing":
+        message = f"Missing required parameter: '{param}'."
+    elif param:
+        message = f"Invalid value for '{param}': {message}"
+    return APIError(400, message, param=param, code="invalid_value" if first["type"] != "missing" else "missing_required_parameter")
+
+
+async def parse_json(request: Request) -> Any:
+    """The request body as JSON, or a 400 that says why it is not."""
+    body = await request.body()
+    if not body:
+        raise APIError(400, "The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise APIError(
+            400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
+        ) from exc
+
+
+async def handle_api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+async def handle_engine_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, EngineError)
+    return from_engine(exc).response()
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = {404: "Not found.", 405: "Method not allowed."}.get(exc.status_code, str(exc.detail))
+    if exc.status_code == 404:
+        message = f"Unknown path {request.url.path}; see /v1/models, /v1/chat/completions."
+    return APIError(exc.status_code, message, headers=dict(exc.headers or {})).response()
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return APIError(500, "The server had an error while processing your request.").response()
+
+
+EXCEPTION_HANDLERS: dict[Any, Any] = {
+    APIError: handle_api_error,
+    EngineError: handle_engine_error,
+    HTTPException: handle_http_exception,
+    Exception: handle_unexpected,
+}

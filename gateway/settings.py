@@ -1,0 +1,185 @@
+"""Gateway configuration: a TOML file plus ``PEFT_GATEWAY_*`` environment variables (env wins).
+
+Unknown keys and wrong types fail at start with the key and the file named, because a typo in a config
+that is silently ignored (a misspelt ``quantization``, say) becomes a confusing runtime behaviour.
+Nested keys come from the environment with ``__``: ``PEFT_GATEWAY_SERVER__PORT=9000``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from engines.catalog import AdapterPolicy, AdapterSpec, BaseSpec, Catalog
+
+CONFIG_ENV = "PEFT_GATEWAY_CONFIG"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_keys: list[str] = Field(default_factory=list)
+    cors_origins: list[str] = Field(default_factory=list)
+    max_body_bytes: ByteSize = Field(default=ByteSize(4 * 2**20))
+    max_tokens_limit: int = Field(default=32768, ge=1)
+    request_timeout: float = Field(default=600.0, gt=0)
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class ModelSettings(_Strict):
+    source: str
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "cpu"
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    context_length: int | None = Field(default=None, ge=1)
+    aliases: list[str] = Field(default_factory=list)
+    trust_remote_code: bool = False
+    token: str | None = None
+
+
+class AdapterSettings(_Strict):
+    source: str
+    base: str
+    revision: str | None = None
+    token: str | None = None
+
+
+class CacheSettings(_Strict):
+    max_memory: ByteSize | None = None
+    max_models: int | None = Field(default=None, ge=1)
+
+
+class EngineSettings(_Strict):
+    max_batch: int = Field(default=16, ge=1, le=256)
+    max_waiting: int = Field(default=64, ge=0)
+
+
+class Settings(BaseSettings):
+    """Everything the gateway reads at start."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PEFT_GATEWAY_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    models: dict[str, ModelSettings] = Field(default_factory=dict)
+    adapters: dict[str, AdapterSettings] = Field(default_factory=dict)
+    adapter_dirs: list[Path] = Field(default_factory=list)
+    allow_pickle: bool = False
+    max_rank: int = Field(default=256, ge=1)
+    base_match: Literal["strict", "warn"] = "strict"
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    demo: bool = False
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("toml_file"):
+            sources.append(TomlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+    def catalog(self) -> Catalog:
+        """The engine's view of this configuration."""
+        bases = tuple(
+            BaseSpec(
+                name=name,
+                source=model.source,
+                revision=model.revision,
+                dtype=model.dtype,
+                device=model.device,
+                quantization=model.quantization,
+                context_length=model.context_length,
+                aliases=tuple(model.aliases),
+                trust_remote_code=model.trust_remote_code,
+                token=model.token,
+            )
+            for name, model in self.models.items()
+        )
+        adapters = tuple(
+            AdapterSpec(
+                alias=alias,
+                source=adapter.source,
+                base=adapter.base,
+                revision=adapter.revision,
+                token=adapter.token,
+            )
+            for alias, adapter in self.adapters.items()
+        )
+        policy = AdapterPolicy(
+            adapter_dirs=tuple(self.adapter_dirs),
+            allow_pickle=self.allow_pickle,
+            max_rank=self.max_rank,
+            base_match=self.base_match,
+        )
+        return Catalog(bases=bases, adapters=adapters, policy=policy)
+
+
+class SettingsError(Exception):
+    """The configuration cannot be used; the message names the file and the key."""
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Read ``path`` (or ``$PEFT_GATEWAY_CONFIG``), then the environment, then ``overrides``."""
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = os.environ[CONFIG_ENV]
+    toml_path = Path(path).expanduser() if path is not None else None
+    where = str(toml_path) if toml_path is not None else "environment"
+    if toml_path is not None and not toml_path.is_file():
+        raise SettingsError(f"{toml_path}: config file not found")
+    config = SettingsConfigDict(**{**Settings.model_config, "toml_file": toml_path})
+    bound = type("Settings", (Settings,), {"model_config": config})
+    try:
+        settings: Settings = bound(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or '(top level)'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise SettingsError(f"{where}: invalid configuration: {problems}") from exc
+    except ValueError as exc:  # TOML syntax errors
+        raise SettingsError(f"{where}: cannot parse: {exc}") from exc
+    _check_references(settings, where)
+    return settings
+
+
+def _check_references(settings: Settings, where: str) -> None:
+    names = set(settings.models)
+    for model in settings.models.values():
+        names.update(model.aliases)
+    for alias, adapter in settings.adapters.items():
+        if adapter.base not in names:
+            raise SettingsError(
+                f"{where}: adapters.{alias}.base: '{adapter.base}' is not a configured model "
+                f"(configured: {', '.join(sorted(settings.models)) or 'none'})"
+            )
+        if "+" in alias or "/" in alias:
+            raise SettingsError(f"{where}: adapters.{alias}: an alias cannot contain '+' or '/'")
+    for name in settings.models:
+        if "+" in name:
+            raise SettingsError(f"{where}: models.{name}: a model name cannot contain '+'")

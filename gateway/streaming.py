@@ -1,0 +1,92 @@
+"""Running the choices of one request and turning them into SSE frames.
+
+A request with ``n`` choices is ``n`` engine sequences; their events are merged into one stream tagged
+with the choice index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.responses import Response
+
+from engines.engine import Engine
+from engines.generation import GenerationEvent, GenerationRequest
+from engines.pool import Lease
+
+SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+DONE = "[DONE]"
+
+
+def sse_data(payload: dict[str, Any]) -> str:
+    """The ``data:`` payload of one event (sse-starlette adds the framing)."""
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+
+
+def event_stream(frames: AsyncIterator[str]) -> Response:
+    """An SSE response: ``data: <payload>\n\n`` per item, no-store, unbuffered by proxies."""
+    from sse_starlette import EventSourceResponse
+
+    return EventSourceResponse(frames, headers=SSE_HEADERS, sep="\n", ping=15)
+
+
+async def run_choices(
+    engine: Engine, lease: Lease, requests: list[GenerationRequest]
+) -> AsyncIterator[tuple[int, GenerationEvent]]:
+    """Events of all choices, as they come, each tagged with its choice index."""
+    if len(requests) == 1:
+        async with contextlib.aclosing(engine.generate(lease, requests[0])) as events:
+            async for event in events:
+                yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, GenerationEvent | BaseException]] = asyncio.Queue()
+
+    async def pump(index: int, request: GenerationRequest) -> None:
+        try:
+            async with contextlib.aclosing(engine.generate(lease, request)) as events:
+                async for event in events:
+                    await queue.put((index, event))
+        except Exception as exc:  # surfaced to the consumer below
+            await queue.put((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, request)) for i, request in enumerate(requests)]
+    try:
+        remaining = len(requests)
+        while remaining:
+            index, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield index, item
+            if item.done:
+                remaining -= 1
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def logprob_entries(event: GenerationEvent) -> list[dict[str, Any]]:
+    """OpenAI chat ``logprobs.content`` entries for an event's tokens."""
+    return [
+        {
+            "token": entry.token,
+            "logprob": entry.logprob,
+            "bytes": list(entry.bytes),
+            "top_logprobs": [
+                {"token": token, "logprob": logprob, "bytes": list(raw)} for token, raw, logprob in entry.top
+            ],
+        }
+        for entry in event.logprobs
+    ]

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny models built on the spot, and a real uvicorn server on a free port."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from engines.tiny import save_tiny_adapter, save_tiny_base
+
+
+@dataclass(frozen=True)
+class TinyModels:
+    base: Path
+    adapter: Path
+    adapter_dirs: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    root = tmp_path_factory.mktemp("models")
+    base = save_tiny_base(root / "tiny-base")
+    adapters = root / "adapters"
+    adapter = save_tiny_adapter(base, adapters / "tiny-lora", base_model_name_or_path="test-org/tiny-base")
+    return TinyModels(base=base, adapter=adapter, adapter_dirs=adapters)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RunningServer:
+    url: str
+    app: object
+
+    @property
+    def v1(self) -> str:
+        return f"{self.url}/v1"
+
+
+@pytest.fixture(scope="session")
+def start_server() -> Iterator[object]:
+    """Start real uvicorn servers in threads; all are stopped at the end of the session."""
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.settings import Settings
+
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(settings: Settings) -> RunningServer:
+        app = create_app(settings)
+        port = free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        servers.append((server, thread))
+        return RunningServer(url=f"http://127.0.0.1:{port}", app=app)
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(timeout=10)
