@@ -7,13 +7,17 @@ import logging
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engines.engine import Engine, EngineLimits
 from gateway.chat import chat_completions
+from gateway.completions import completions
 from gateway.errors import EXCEPTION_HANDLERS
+from gateway.middleware import ApiKeyAuth, BodySizeLimit, RequestContext
 from gateway.models import get_model, list_models
 from gateway.settings import Settings
 
@@ -33,6 +37,25 @@ def engine_limits(settings: Settings) -> EngineLimits:
     )
 
 
+def middleware(settings: Settings) -> list[Middleware]:
+    """Outermost first: request id and access log, CORS (only if configured), body limit, auth."""
+    server = settings.server
+    stack = [Middleware(RequestContext, json_logs=server.log_format == "json")]
+    if server.cors_origins:
+        stack.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=server.cors_origins,
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["authorization", "content-type", "x-request-id"],
+                expose_headers=["x-request-id"],
+            )
+        )
+    stack.append(Middleware(BodySizeLimit, max_bytes=int(server.max_body_bytes)))
+    stack.append(Middleware(ApiKeyAuth, keys=list(server.api_keys)))
+    return stack
+
+
 def create_app(settings: Settings) -> Starlette:
     """A gateway for ``settings``; nothing is loaded until the first request names a model."""
 
@@ -50,7 +73,13 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+    app = Starlette(
+        routes=routes,
+        middleware=middleware(settings),
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
     app.state.settings = settings
     return app

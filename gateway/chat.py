@@ -7,7 +7,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -15,9 +14,9 @@ from engines.engine import Engine
 from engines.errors import EngineError
 from engines.generation import ChatMessage, GenerationRequest
 from engines.pool import Lease
-from engines.sampling import SamplingParams
-from gateway.errors import APIError, from_engine, from_validation, parse_json
-from gateway.protocol import ChatCompletionRequest, SamplingFields
+from gateway.errors import APIError, from_engine
+from gateway.protocol import ChatCompletionRequest
+from gateway.requests import cap_tokens, check_limits, parse_body, sampling_params
 from gateway.settings import Settings
 from gateway.streaming import (
     DONE,
@@ -29,42 +28,21 @@ from gateway.streaming import (
 )
 
 
-def sampling_params(body: SamplingFields, *, choice: int, logprobs: bool, top_logprobs: int) -> SamplingParams:
-    """Engine sampling parameters for choice ``choice`` (its seed offset so choices differ)."""
-    seed = None if body.seed is None else (body.seed + choice) % 2**63
-    return SamplingParams(
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=max(body.top_k or 0, 0),
-        seed=seed,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty or 1.0,
-        logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
-        logprobs=logprobs,
-        top_logprobs=top_logprobs,
-    )
-
-
-def check_limits(settings: Settings, limit: int | None, param: str) -> None:
-    if limit is not None and limit > settings.server.max_tokens_limit:
-        raise APIError(
-            400,
-            f"'{param}' is {limit}, above this gateway's limit of {settings.server.max_tokens_limit}.",
-            param=param,
-            code="invalid_value",
-        )
-
-
 def refuse_unsupported(body: ChatCompletionRequest) -> None:
     """Parameters this gateway cannot honour are refused, never silently ignored."""
     if body.tools:
         raise APIError(
-            400, "This gateway does not support tool calling ('tools').", param="tools", code="unsupported_parameter"
+            400,
+            "This gateway does not support tool calling ('tools').",
+            param="tools",
+            code="unsupported_parameter",
         )
     if body.tool_choice not in (None, "none"):
         raise APIError(
-            400, "This gateway does not support 'tool_choice'.", param="tool_choice", code="unsupported_parameter"
+            400,
+            "This gateway does not support 'tool_choice'.",
+            param="tool_choice",
+            code="unsupported_parameter",
         )
     if body.response_format is not None and body.response_format.type != "text":
         raise APIError(
@@ -75,18 +53,8 @@ def refuse_unsupported(body: ChatCompletionRequest) -> None:
         )
 
 
-async def validated(request: Request) -> ChatCompletionRequest:
-    payload = await parse_json(request)
-    if not isinstance(payload, dict):
-        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
-    try:
-        return ChatCompletionRequest.model_validate(payload)
-    except ValidationError as exc:
-        raise from_validation(exc) from exc
-
-
 async def chat_completions(request: Request) -> Response:
-    body = await validated(request)
+    body = await parse_body(request, ChatCompletionRequest)
     refuse_unsupported(body)
     settings: Settings = request.app.state.settings
     engine: Engine = request.app.state.engine
@@ -108,7 +76,7 @@ async def chat_completions(request: Request) -> Response:
             for i in range(body.n)
         ]
         if requests[0].max_tokens > settings.server.max_tokens_limit:
-            requests = [_cap(r, settings.server.max_tokens_limit) for r in requests]
+            requests = [cap_tokens(r, settings.server.max_tokens_limit) for r in requests]
     except BaseException:
         lease.release()
         raise
@@ -122,12 +90,6 @@ async def chat_completions(request: Request) -> Response:
         return await _complete(engine, lease, requests, body, completion_id, created)
     finally:
         lease.release()
-
-
-def _cap(request: GenerationRequest, limit: int) -> GenerationRequest:
-    from dataclasses import replace
-
-    return replace(request, max_tokens=limit)
 
 
 async def _complete(
@@ -214,10 +176,19 @@ async def _stream(
             entries = {"content": logprob_entries(event), "refusal": None} if want_logprobs else None
             if event.text or (entries and entries["content"]):
                 yield chunk(
-                    [{"index": index, "delta": {"content": event.text}, "logprobs": entries, "finish_reason": None}]
+                    [
+                        {
+                            "index": index,
+                            "delta": {"content": event.text},
+                            "logprobs": entries,
+                            "finish_reason": None,
+                        }
+                    ]
                 )
             if event.finish_reason:
-                yield chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason}])
+                yield chunk(
+                    [{"index": index, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason}]
+                )
         if include_usage:
             yield chunk([], usage=usage_dict(len(requests[0].prompt_ids), sum(completion_tokens)))
         yield DONE

@@ -24,7 +24,9 @@ def with_demo(settings: Settings, demo_dir: Path | None = None) -> Settings:
     adapters = dict(settings.adapters)
     models.setdefault(
         DEMO_BASE_NAME,
-        ModelSettings(source=str(demo.base_dir), aliases=[DEMO_BASE_REPO_ID], dtype="float32", context_length=512),
+        ModelSettings(
+            source=str(demo.base_dir), aliases=[DEMO_BASE_REPO_ID], dtype="float32", context_length=512
+        ),
     )
     adapters.setdefault(DEMO_ADAPTER_NAME, AdapterSettings(source=str(demo.adapter_dir), base=DEMO_BASE_NAME))
     return settings.model_copy(update={"models": models, "adapters": adapters, "demo": True})
@@ -70,8 +72,13 @@ def serve(args: argparse.Namespace) -> int:
         print("peft-gateway: no models configured; pass --config or --demo", file=sys.stderr)
         return EXIT_CONFIG
     app = create_app(settings)
-    print(f"peft-gateway: serving {', '.join(settings.models)} on http://{server.host}:{server.port}", file=sys.stderr)
-    uvicorn.run(app, host=server.host, port=server.port, log_level=settings.server.log_level, access_log=False)
+    print(
+        f"peft-gateway: serving {', '.join(settings.models)} on http://{server.host}:{server.port}",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        app, host=server.host, port=server.port, log_level=settings.server.log_level, access_log=False
+    )
     return EXIT_OK
 
 

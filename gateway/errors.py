@@ -66,9 +66,7 @@ class APIError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {
-            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        }
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
@@ -125,7 +123,12 @@ def from_validation(error: ValidationError) -> APIError:
         message = f"Missing required parameter: '{param}'."
     elif param:
         message = f"Invalid value for '{param}': {message}"
-    return APIError(400, message, param=param, code="invalid_value" if first["type"] != "missing" else "missing_required_parameter")
+    return APIError(
+        400,
+        message,
+        param=param,
+        code="invalid_value" if first["type"] != "missing" else "missing_required_parameter",
+    )
 
 
 async def parse_json(request: Request) -> Any:

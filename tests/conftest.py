@@ -19,6 +19,7 @@ class TinyModels:
     base: Path
     adapter: Path
     adapter_dirs: Path
+    mismatched_adapter: Path
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +28,10 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     base = save_tiny_base(root / "tiny-base")
     adapters = root / "adapters"
     adapter = save_tiny_adapter(base, adapters / "tiny-lora", base_model_name_or_path="test-org/tiny-base")
-    return TinyModels(base=base, adapter=adapter, adapter_dirs=adapters)
+    mismatched = save_tiny_adapter(
+        base, adapters / "other-base-lora", seed=2, base_model_name_or_path="other-org/other-model"
+    )
+    return TinyModels(base=base, adapter=adapter, adapter_dirs=adapters, mismatched_adapter=mismatched)
 
 
 def free_port() -> int:

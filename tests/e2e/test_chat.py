@@ -36,9 +36,7 @@ def test_chat_on_base_returns_text_and_usage(tiny_server: RunningServer) -> None
 def test_adapter_changes_greedy_output(tiny_server: RunningServer) -> None:
     api = client(tiny_server)
     base = api.chat.completions.create(model="tiny", messages=HELLO, max_tokens=12, temperature=0)
-    merged = api.chat.completions.create(
-        model="tiny+tiny-lora", messages=HELLO, max_tokens=12, temperature=0
-    )
+    merged = api.chat.completions.create(model="tiny+tiny-lora", messages=HELLO, max_tokens=12, temperature=0)
     assert base.choices[0].message.content != merged.choices[0].message.content
 
 

@@ -1,0 +1,232 @@
+"""``POST /v1/completions``: the legacy text-completion API, streaming and not.
+
+A list of prompts gives ``len(prompts) * n`` choices, indexed prompt-major as OpenAI does; ``echo``
+prepends the prompt; ``logprobs`` is an integer (top alternatives) in the legacy shape.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from engines.engine import Engine
+from engines.errors import EngineError
+from engines.generation import GenerationEvent, GenerationRequest
+from engines.pool import Lease
+from gateway.errors import APIError, from_engine
+from gateway.protocol import CompletionRequest
+from gateway.requests import cap_tokens, check_limits, parse_body, sampling_params
+from gateway.settings import Settings
+from gateway.streaming import DONE, event_stream, run_choices, sse_data, usage_dict
+
+
+def _prompts(body: CompletionRequest) -> list[str | list[int]]:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "'prompt' must not be empty.", param="prompt")
+    if all(isinstance(item, int) for item in prompt):
+        return [list(prompt)]  # type: ignore[arg-type]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+def refuse_unsupported(body: CompletionRequest) -> None:
+    if body.suffix:
+        raise APIError(
+            400,
+            "'suffix' (fill-in-the-middle) is not supported.",
+            param="suffix",
+            code="unsupported_parameter",
+        )
+    if body.best_of is not None and body.best_of != body.n:
+        raise APIError(
+            400, "'best_of' other than 'n' is not supported.", param="best_of", code="unsupported_parameter"
+        )
+    if body.echo and body.stream and body.logprobs is not None:
+        raise APIError(400, "'echo' with 'logprobs' is not supported when streaming.", param="echo")
+
+
+def _legacy_logprobs(event: GenerationEvent, offset: int) -> dict[str, Any]:
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for entry in event.logprobs:
+        tokens.append(entry.token)
+        token_logprobs.append(entry.logprob)
+        top.append({token: logprob for token, _raw, logprob in entry.top})
+        offsets.append(offset)
+        offset += len(entry.token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _merge_logprobs(into: dict[str, Any], more: dict[str, Any]) -> None:
+    for key, values in more.items():
+        into.setdefault(key, []).extend(values)
+
+
+async def completions(request: Request) -> Response:
+    body = await parse_body(request, CompletionRequest)
+    refuse_unsupported(body)
+    settings: Settings = request.app.state.settings
+    engine: Engine = request.app.state.engine
+    check_limits(settings, body.max_tokens, "max_tokens")
+    prompts = _prompts(body)
+    lease = await engine.acquire(body.model)
+    try:
+        want_logprobs = body.logprobs is not None
+        requests: list[GenerationRequest] = []
+        for prompt in prompts:
+            for choice in range(body.n):
+                generation = engine.text_request(
+                    lease,
+                    prompt,
+                    max_tokens=body.max_tokens,
+                    sampling=sampling_params(
+                        body, choice=choice, logprobs=want_logprobs, top_logprobs=body.logprobs or 0
+                    ),
+                    stop=body.stop_list(),
+                    request_id=getattr(request.state, "request_id", ""),
+                )
+                requests.append(cap_tokens(generation, settings.server.max_tokens_limit))
+    except BaseException:
+        lease.release()
+        raise
+    echoes = [_prompt_text(lease, p) if body.echo else "" for p in prompts for _ in range(body.n)]
+    prompt_tokens = sum(len(r.prompt_ids) for r in requests[:: body.n])
+    completion_id = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return event_stream(
+            _stream(
+                engine,
+                lease,
+                requests,
+                body.model,
+                completion_id,
+                created,
+                include_usage,
+                echoes,
+                prompt_tokens,
+            )
+        )
+    try:
+        return await _complete(engine, lease, requests, body, completion_id, created, echoes)
+    finally:
+        lease.release()
+
+
+def _prompt_text(lease: Lease, prompt: str | list[int]) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return str(lease.loaded.tokenizer.decode(prompt, skip_special_tokens=False))
+
+
+async def _complete(
+    engine: Engine,
+    lease: Lease,
+    requests: list[GenerationRequest],
+    body: CompletionRequest,
+    completion_id: str,
+    created: int,
+    echoes: list[str],
+) -> Response:
+    texts = list(echoes)
+    logprobs: list[dict[str, Any]] = [{} for _ in requests]
+    finish: list[str | None] = [None] * len(requests)
+    completion_tokens = [0] * len(requests)
+    async for index, event in run_choices(engine, lease, requests):
+        if event.error is not None:
+            raise event.error
+        if body.logprobs is not None:
+            _merge_logprobs(logprobs[index], _legacy_logprobs(event, len(texts[index])))
+        texts[index] += event.text
+        completion_tokens[index] = event.completion_tokens
+        if event.finish_reason:
+            finish[index] = event.finish_reason
+    prompt_tokens = sum(len(r.prompt_ids) for r in requests[:: body.n])
+    choices = [
+        {
+            "index": i,
+            "text": texts[i],
+            "logprobs": logprobs[i] if body.logprobs is not None else None,
+            "finish_reason": finish[i],
+        }
+        for i in range(len(requests))
+    ]
+    return JSONResponse(
+        {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": body.model,
+            "choices": choices,
+            "usage": usage_dict(prompt_tokens, sum(completion_tokens)),
+            "system_fingerprint": None,
+        }
+    )
+
+
+async def _stream(
+    engine: Engine,
+    lease: Lease,
+    requests: list[GenerationRequest],
+    model: str,
+    completion_id: str,
+    created: int,
+    include_usage: bool,
+    echoes: list[str],
+    prompt_tokens: int,
+) -> AsyncIterator[str]:
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        payload: dict[str, Any] = {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+        if include_usage:
+            payload["usage"] = None
+        payload.update(extra)
+        return sse_data(payload)
+
+    want_logprobs = requests[0].sampling.logprobs
+    completion_tokens = [0] * len(requests)
+    offsets = [len(echo) for echo in echoes]
+    try:
+        for index, echo in enumerate(echoes):
+            if echo:
+                yield chunk([{"index": index, "text": echo, "logprobs": None, "finish_reason": None}])
+        async for index, event in run_choices(engine, lease, requests):
+            if event.error is not None:
+                yield sse_data(from_engine(event.error).body())
+                yield DONE
+                return
+            completion_tokens[index] = event.completion_tokens
+            if event.text or event.logprobs or event.finish_reason:
+                logprobs = _legacy_logprobs(event, offsets[index]) if want_logprobs else None
+                offsets[index] += len(event.text)
+                yield chunk(
+                    [
+                        {
+                            "index": index,
+                            "text": event.text,
+                            "logprobs": logprobs,
+                            "finish_reason": event.finish_reason,
+                        }
+                    ]
+                )
+        if include_usage:
+            yield chunk([], usage=usage_dict(prompt_tokens, sum(completion_tokens)))
+        yield DONE
+    except EngineError as exc:
+        yield sse_data(from_engine(exc).body())
+        yield DONE
+    finally:
+        lease.release()

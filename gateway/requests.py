@@ -1,0 +1,64 @@
+"""Steps every generation route shares: body parsing, limits, sampling parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from engines.generation import GenerationRequest
+from engines.sampling import SamplingParams
+from gateway.errors import APIError, from_validation, parse_json
+from gateway.protocol import SamplingFields
+from gateway.settings import Settings
+
+Body = TypeVar("Body", bound=BaseModel)
+
+
+async def parse_body(request: Request, schema: type[Body]) -> Body:
+    """The JSON body validated against ``schema``; 400 naming the first bad field otherwise."""
+    payload = await parse_json(request)
+    if not isinstance(payload, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    if isinstance(payload.get("model"), str):
+        request.state.model = payload["model"]
+    try:
+        return schema.model_validate(payload)
+    except ValidationError as exc:
+        raise from_validation(exc) from exc
+
+
+def cap_tokens(request: GenerationRequest, limit: int) -> GenerationRequest:
+    """An open-ended request ("up to the context") still stops at the gateway's token limit."""
+    return dataclasses.replace(request, max_tokens=min(request.max_tokens, limit))
+
+
+def sampling_params(
+    body: SamplingFields, *, choice: int, logprobs: bool, top_logprobs: int
+) -> SamplingParams:
+    """Engine sampling parameters for choice ``choice`` (its seed offset so choices differ)."""
+    seed = None if body.seed is None else (body.seed + choice) % 2**63
+    return SamplingParams(
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(body.top_k or 0, 0),
+        seed=seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+
+
+def check_limits(settings: Settings, limit: int | None, param: str) -> None:
+    if limit is not None and limit > settings.server.max_tokens_limit:
+        raise APIError(
+            400,
+            f"'{param}' is {limit}, above this gateway's limit of {settings.server.max_tokens_limit}.",
+            param=param,
+            code="invalid_value",
+        )
