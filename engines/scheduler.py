@@ -1,43 +1,98 @@
-"""The engine's decode loop: one worker thread that owns every forward pass.
+"""The engine's decode loop: one worker thread that owns every forward pass, with continuous batching.
 
-Running all model work on one thread keeps torch's own thread pool from being oversubscribed on small
-CPUs and gives one place to decide what runs next. Each loop iteration admits waiting requests
-(prefill), then advances every active sequence by one token, so streams interleave fairly and a
-cancelled request is dropped within one step.
+Running all model work on one thread keeps torch's own thread pool from being oversubscribed and gives
+one place to decide what runs next. Each iteration:
+
+1. admits waiting requests (up to ``max_active``) into the prefill queue;
+2. prefills at most ``prefill_chunk`` prompt tokens, so a long prompt cannot stall running streams for
+   more than one chunk; a fully prefilled sequence joins its model's decode batch;
+3. advances every model's batch by one token in a single forward pass: all sequences of one model share
+   a left-padded, pre-allocated KV cache (``BatchKVCache``), each keeps its own sampling state.
+
+A finished or cancelled sequence leaves its batch before the next step and frees its row.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import threading
+import time
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from engines.errors import Overloaded
+from engines.kvcache import BatchKVCache
+from engines.loader import LoadedModel
 from engines.sequence import Sequence
 
 log = logging.getLogger("peft_gateway.scheduler")
 
 
-def _cache_kwarg(model: Any) -> str:
+def cache_kwarg(model: Any) -> str:
     """transformers renamed ``past_key_values`` to ``cache``; use whichever this version takes."""
-    parameters = inspect.signature(model.forward).parameters
+    return _cache_kwarg_for(type(model))
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_kwarg_for(model_type: type) -> str:
+    parameters = inspect.signature(model_type.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
+
+
+@dataclass
+class SchedulerStats:
+    """Live numbers for metrics and benchmarks."""
+
+    steps: int = 0
+    batched_tokens: int = 0
+    prefill_tokens: int = 0
+    max_stall_seconds: float = 0.0
+    last_batch_size: int = 0
+
+
+@dataclass
+class _ModelBatch:
+    """The sequences of one loaded model that decode together, and their shared KV cache."""
+
+    loaded: LoadedModel
+    cache_key: str
+    kv: BatchKVCache | None = None
+    rows: list[Sequence] = field(default_factory=list)
+
+    def new_cache(self) -> BatchKVCache:
+        config = self.loaded.model.config
+        heads = int(config.num_attention_heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        parameter = next(self.loaded.model.parameters())
+        return BatchKVCache(
+            layers=int(config.num_hidden_layers),
+            kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+            head_dim=head_dim,
+            dtype=parameter.dtype,
+            device=parameter.device,
+            rows=4,
+            columns=256,
+            max_columns=self.loaded.context_length + 1,
+        )
 
 
 class Scheduler:
     """Owns the worker thread; ``submit`` is safe from any thread."""
 
-    def __init__(self, *, max_active: int = 16, max_waiting: int = 64) -> None:
+    def __init__(self, *, max_active: int = 16, max_waiting: int = 64, prefill_chunk: int = 512) -> None:
         self.max_active = max_active
         self.max_waiting = max_waiting
+        self.prefill_chunk = prefill_chunk
+        self.stats = SchedulerStats()
         self._waiting: deque[Sequence] = deque()
-        self._active: list[Sequence] = []
+        self._prefilling: deque[Sequence] = deque()
+        self._batches: dict[int, _ModelBatch] = {}
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="peft-gateway-engine", daemon=True)
-        self._cache_kwargs: dict[int, str] = {}
         self._thread.start()
 
     @property
@@ -46,16 +101,18 @@ class Scheduler:
 
     @property
     def active_count(self) -> int:
-        return len(self._active)
+        return len(self._prefilling) + sum(len(batch.rows) for batch in self._batches.values())
 
     def submit(self, sequence: Sequence) -> None:
         """Queue a sequence; 503 when the waiting queue is full rather than an unbounded backlog."""
         with self._cond:
             if self._closed:
                 raise Overloaded("The engine is shutting down.")
-            if len(self._waiting) >= self.max_waiting:
+            if self.active_count + len(self._waiting) >= self.max_active + self.max_waiting:
                 raise Overloaded(
-                    f"Too many requests are waiting ({len(self._waiting)}); retry shortly.", retry_after=1
+                    f"The server is at capacity ({self.active_count} running, {len(self._waiting)} "
+                    "waiting); retry shortly.",
+                    retry_after=1,
                 )
             self._waiting.append(sequence)
             self._cond.notify()
@@ -65,7 +122,10 @@ class Scheduler:
             self._closed = True
             self._cond.notify()
         self._thread.join(timeout=10)
-        for sequence in [*self._waiting, *self._active]:
+        pending = [*self._waiting, *self._prefilling]
+        for batch in self._batches.values():
+            pending.extend(batch.rows)
+        for sequence in pending:
             if not sequence.finished:
                 sequence.fail(Overloaded("The engine shut down before this request finished."))
 
@@ -75,51 +135,125 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._closed and not self._waiting and not self._active:
+                    while not self._closed and not self._waiting and not self._busy():
                         self._cond.wait()
                     if self._closed:
                         return
-                    admitted: list[Sequence] = []
-                    while self._waiting and len(self._active) + len(admitted) < self.max_active:
-                        admitted.append(self._waiting.popleft())
-                for sequence in admitted:
-                    self._guarded(sequence, self._prefill)
-                    if not sequence.finished:
-                        self._active.append(sequence)
-                for sequence in list(self._active):
-                    if not sequence.finished:
-                        self._guarded(sequence, self._decode)
-                self._active = [s for s in self._active if not s.finished]
+                    while self._waiting and self.active_count < self.max_active:
+                        self._prefilling.append(self._waiting.popleft())
+                self._prefill_some()
+                for key, batch in list(self._batches.items()):
+                    self._decode(batch)
+                    if not batch.rows:
+                        del self._batches[key]
 
-    def _guarded(self, sequence: Sequence, action: Any) -> None:
-        if sequence.cancelled:
-            sequence.finished = True
-            sequence.cache = None
-            return
-        try:
-            action(sequence)
-        except Exception as exc:  # a failing forward must end one request, not the engine thread
-            log.exception("generation failed for %s", sequence.request.request_id)
-            sequence.fail(exc)
+    def _busy(self) -> bool:
+        return bool(self._prefilling) or any(batch.rows for batch in self._batches.values())
 
-    def _forward(self, sequence: Sequence, ids: list[int]) -> None:
+    def _prefill_some(self) -> None:
+        """Spend at most one chunk of prompt tokens, oldest request first."""
+        budget = self.prefill_chunk
+        while self._prefilling and budget > 0:
+            sequence = self._prefilling[0]
+            if sequence.cancelled:
+                self._prefilling.popleft()
+                sequence.finished = True
+                continue
+            try:
+                budget -= self._prefill_chunk(sequence, budget)
+            except Exception as exc:  # a failing forward ends one request, not the engine thread
+                log.exception("prefill failed for %s", sequence.request.request_id)
+                self._prefilling.popleft()
+                sequence.fail(exc)
+                continue
+            if sequence.logits is not None:  # prompt done: first token, then join the batch
+                self._prefilling.popleft()
+                sequence.step()
+                if not sequence.finished:
+                    self._join(sequence)
+
+    def _prefill_chunk(self, sequence: Sequence, budget: int) -> int:
         import torch
         from transformers import DynamicCache
 
         model = sequence.model.model
-        key = self._cache_kwargs.get(id(model))
-        if key is None:
-            key = self._cache_kwargs[id(model)] = _cache_kwarg(model)
         if sequence.cache is None:
             sequence.cache = DynamicCache()
-        input_ids = torch.tensor([ids], dtype=torch.long, device=sequence.model.device)
-        output = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{key: sequence.cache})
-        sequence.logits = output.logits[0, -1]
+            sequence.prefilled = 0
+        prompt = sequence.request.prompt_ids
+        chunk = prompt[sequence.prefilled : sequence.prefilled + budget]
+        ids = torch.tensor([chunk], dtype=torch.long, device=sequence.model.device)
+        output = model(
+            input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): sequence.cache}
+        )
+        sequence.prefilled += len(chunk)
+        self.stats.prefill_tokens += len(chunk)
+        if sequence.prefilled >= len(prompt):
+            sequence.logits = output.logits[0, -1]
+        return len(chunk)
 
-    def _prefill(self, sequence: Sequence) -> None:
-        self._forward(sequence, list(sequence.request.prompt_ids))
-        sequence.step()
+    def _join(self, sequence: Sequence) -> None:
+        key = id(sequence.model.model)
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._batches[key] = _ModelBatch(
+                loaded=sequence.model, cache_key=cache_kwarg(sequence.model.model)
+            )
+        if batch.kv is None:
+            batch.kv = batch.new_cache()
+        batch.kv.add_row(sequence.cache)
+        sequence.cache = None
+        batch.rows.append(sequence)
 
-    def _decode(self, sequence: Sequence) -> None:
-        self._forward(sequence, [sequence.last_token()])
-        sequence.step()
+    def _drop_finished(self, batch: _ModelBatch) -> None:
+        assert batch.kv is not None
+        for row in range(len(batch.rows) - 1, -1, -1):
+            sequence = batch.rows[row]
+            if sequence.cancelled:
+                sequence.finished = True
+            if sequence.finished:
+                batch.kv.remove_row(row)
+                batch.rows[row] = batch.rows[-1]
+                batch.rows.pop()
+        if not batch.rows:
+            batch.kv = None  # free the buffers; the next arrival allocates a fresh, small cache
+
+    def _decode(self, batch: _ModelBatch) -> None:
+        import torch
+
+        self._drop_finished(batch)
+        if not batch.rows or batch.kv is None:
+            return
+        kv = batch.kv
+        started = time.perf_counter()
+        try:
+            mask, positions = kv.step_inputs()
+            ids = torch.tensor([[s.last_token()] for s in batch.rows], dtype=torch.long, device=mask.device)
+            output = batch.loaded.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+                **{batch.cache_key: kv},
+            )
+            kv.advance()
+        except Exception as exc:
+            log.exception("decode step failed for a batch of %d", len(batch.rows))
+            for sequence in batch.rows:
+                sequence.fail(exc)
+            self._drop_finished(batch)
+            return
+        logits = output.logits[:, -1]
+        for row, sequence in enumerate(batch.rows):
+            sequence.logits = logits[row]
+            try:
+                sequence.step()
+            except Exception as exc:
+                log.exception("sampling failed for %s", sequence.request.request_id)
+                sequence.fail(exc)
+        self.stats.steps += 1
+        self.stats.batched_tokens += len(batch.rows)
+        self.stats.last_batch_size = len(batch.rows)
+        self.stats.max_stall_seconds = max(self.stats.max_stall_seconds, time.perf_counter() - started)
+        self._drop_finished(batch)

@@ -27,6 +27,7 @@ class Sequence:
         self.model = model
         self.emit = emit
         self.cache: Any = None
+        self.prefilled = 0
         self.logits: Any = None
         self.generated: list[int] = []
         self.finished = False

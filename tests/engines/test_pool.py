@@ -1,0 +1,110 @@
+"""The pool loads lazily and once, leaves nothing behind on failure, and never evicts what is in use."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+
+from engines.catalog import AdapterPolicy, AdapterSpec, BaseSpec, Catalog
+from engines.errors import AdapterRejected, ModelLoadFailed, Overloaded
+from engines.loader import LoadedModel, load_base
+from engines.names import ModelName
+from engines.pool import ModelPool
+from tests.conftest import TinyModels
+
+
+def catalog(models: TinyModels) -> Catalog:
+    return Catalog(
+        bases=(BaseSpec(name="tiny", source=str(models.base), dtype="float32", aliases=("test-org/tiny-base",)),),
+        adapters=(AdapterSpec(alias="lora", source=str(models.adapter), base="tiny"),),
+        policy=AdapterPolicy(adapter_dirs=(models.adapter_dirs,)),
+    )
+
+
+def counting_loader(delay: float = 0.0) -> tuple[list[str], object]:
+    calls: list[str] = []
+    lock = threading.Lock()
+
+    def load(spec: BaseSpec) -> LoadedModel:
+        with lock:
+            calls.append(spec.name)
+        time.sleep(delay)
+        return load_base(spec)
+
+    return calls, load
+
+
+def test_ten_concurrent_first_requests_load_base_and_variant_once(tiny_models: TinyModels) -> None:
+    calls, loader = counting_loader(delay=0.2)
+    pool = ModelPool(catalog(tiny_models), base_loader=loader)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        leases = await asyncio.gather(*(pool.acquire(ModelName.parse("tiny+lora")) for _ in range(10)))
+        assert len({id(lease.loaded) for lease in leases}) == 1
+        for lease in leases:
+            lease.release()
+
+    asyncio.run(scenario())
+    assert calls == ["tiny"]
+    assert pool.stats.loads == {"tiny": 1, f"tiny+{tiny_models.adapter}": 1}
+
+
+def test_failed_base_load_leaves_nothing_and_can_be_retried(tiny_models: TinyModels, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    missing = tmp_path / "not-yet"
+    pool = ModelPool(
+        Catalog(bases=(BaseSpec(name="later", source=str(missing), dtype="float32"),)),
+    )
+
+    async def scenario() -> None:
+        with pytest.raises(ModelLoadFailed):
+            await pool.acquire(ModelName.parse("later"))
+        assert pool.entries() == []
+        import shutil
+
+        shutil.copytree(tiny_models.base, missing)
+        lease = await pool.acquire(ModelName.parse("later"))
+        lease.release()
+
+    asyncio.run(scenario())
+    assert [entry.key for entry in pool.entries()] == ["later"]
+
+
+def test_rejected_adapter_keeps_base_loaded_and_untouched(tiny_models: TinyModels) -> None:
+    pool = ModelPool(catalog(tiny_models))
+
+    async def scenario() -> None:
+        lease = await pool.acquire(ModelName.parse("tiny"))
+        before = {k: v.clone() for k, v in lease.loaded.model.state_dict().items()}
+        lease.release()
+        with pytest.raises(AdapterRejected):
+            await pool.acquire(ModelName.parse("tiny+other-base-lora"))
+        after = lease.loaded.model.state_dict()
+        assert all((before[k] == after[k]).all() for k in before)
+
+    asyncio.run(scenario())
+    assert [entry.key for entry in pool.entries()] == ["tiny"]
+
+
+def test_idle_variants_are_evicted_lru_but_leased_ones_stay(tiny_models: TinyModels) -> None:
+    lenient = catalog(tiny_models)
+    pool = ModelPool(replace(lenient, policy=replace(lenient.policy, base_match="warn")), max_models=2)
+
+    async def scenario() -> None:
+        held = await pool.acquire(ModelName.parse("tiny+lora"))  # base + variant = 2 entries
+        # A third entry would exceed the count; nothing idle can go (the variant pins the base).
+        with pytest.raises(Overloaded):
+            await pool.acquire(ModelName.parse("tiny+other-base-lora"))
+        assert len(pool.entries()) == 2
+        held.release()
+        # Now the idle variant is evicted to make room for another variant.
+        other = await pool.acquire(ModelName.parse("tiny+other-base-lora"))
+        other.release()
+
+    asyncio.run(scenario())
+    keys = sorted(entry.key for entry in pool.entries())
+    assert keys[0] == "tiny" and keys[1].endswith("other-base-lora")
+    assert sum(pool.stats.evictions.values()) == 1
