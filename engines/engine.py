@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from engines.catalog import Catalog
@@ -38,6 +38,18 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class GenerationReport:
+    """What one finished (or abandoned) sequence cost: the gateway turns these into metrics."""
+
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token: float | None
+    seconds: float
+    finish_reason: str | None
+
+
+@dataclass(frozen=True)
 class EngineLimits:
     max_memory_bytes: int | None = None
     max_models: int | None = None
@@ -52,6 +64,7 @@ class Engine:
         self.created = int(time.time())
         self.pool = ModelPool(catalog, max_bytes=limits.max_memory_bytes, max_models=limits.max_models)
         self.scheduler = Scheduler(max_active=limits.max_batch, max_waiting=limits.max_waiting)
+        self.reporters: list[Callable[[GenerationReport], None]] = []
 
     @property
     def catalog(self) -> Catalog:
@@ -197,12 +210,28 @@ class Engine:
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
         sequence = Sequence(request, lease.loaded, emit)
+        started = time.perf_counter()
+        first: float | None = None
+        last: GenerationEvent | None = None
         self.scheduler.submit(sequence)
         try:
             while True:
                 event = await queue.get()
+                last = event
+                if first is None and (event.text or event.done):
+                    first = time.perf_counter() - started
                 yield event
                 if event.done:
                     return
         finally:
             sequence.cancel()
+            report = GenerationReport(
+                model=lease.model_id,
+                prompt_tokens=len(request.prompt_ids),
+                completion_tokens=last.completion_tokens if last else 0,
+                time_to_first_token=first,
+                seconds=time.perf_counter() - started,
+                finish_reason=(last.finish_reason if last else None) or ("error" if last and last.error else None),
+            )
+            for reporter in self.reporters:
+                reporter(report)

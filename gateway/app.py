@@ -14,11 +14,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engines.engine import Engine, EngineLimits
+from gateway.admin import load_lora_adapter, unload_lora_adapter
 from gateway.chat import chat_completions
 from gateway.completions import completions
 from gateway.errors import EXCEPTION_HANDLERS
+from gateway.metrics import GatewayMetrics, metrics_endpoint
 from gateway.middleware import ApiKeyAuth, BodySizeLimit, RequestContext
 from gateway.models import get_model, list_models
+from gateway.playground import playground
 from gateway.settings import Settings
 
 log = logging.getLogger("peft_gateway.app")
@@ -63,17 +66,22 @@ def create_app(settings: Settings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         engine = Engine(settings.catalog(), engine_limits(settings))
         app.state.engine = engine
+        app.state.metrics.attach(engine)
         try:
             yield
         finally:
             engine.close()
 
     routes = [
+        Route("/", playground, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"]),
+        Route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,
@@ -82,4 +90,5 @@ def create_app(settings: Settings) -> Starlette:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics = GatewayMetrics()
     return app

@@ -19,7 +19,7 @@ from gateway.errors import APIError
 
 log = logging.getLogger("peft_gateway.access")
 
-PUBLIC_PATHS = frozenset({"/health", "/ready"})
+PUBLIC_PATHS = frozenset({"/", "/health", "/ready"})  # "/" is the playground page; it asks for the key
 
 
 async def _send_error(send: Send, error: APIError, extra_headers: list[tuple[bytes, bytes]]) -> None:
@@ -58,7 +58,11 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            self._log(scope, status, time.perf_counter() - started, request_id)
+            seconds = time.perf_counter() - started
+            self._log(scope, status, seconds, request_id)
+            metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
+            if metrics is not None:
+                metrics.record_request(scope.get("path", ""), status, seconds)
 
     def _log(self, scope: Scope, status: int, seconds: float, request_id: str) -> None:
         state: dict[str, Any] = scope.get("state", {})
