@@ -30,7 +30,15 @@ class LoadAdapterRequest(BaseModel):
     load_inplace: bool = False
 
 
+class LoadModelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(min_length=1)
+
+
 class UnloadAdapterRequest(BaseModel):
+    """``lora_name`` (vLLM) unregisters an alias; ``model`` unloads any loaded base or variant."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     lora_name: str | None = None
@@ -118,4 +126,25 @@ async def unload_lora_adapter(request: Request) -> Response:
         return JSONResponse({"id": body.model, "unloaded": True, "freed": True})
     raise APIError(
         400, "Send 'lora_name' (an adapter alias) or 'model' (a loaded model) to unload.", param="lora_name"
+    )
+
+
+async def load_model(request: Request) -> Response:
+    """Preload a base or ``base+adapter`` (what ``peft-gateway launch`` calls)."""
+    body = await parse_body(request, LoadModelRequest)
+    engine: Engine = request.app.state.engine
+    lease = await engine.acquire(body.model)
+    lease.release()
+    loaded = lease.loaded
+    return JSONResponse(
+        {
+            "id": body.model,
+            "object": "model",
+            "parent": loaded.parent,
+            "root": loaded.root,
+            "loaded": True,
+            "dtype": loaded.dtype,
+            "max_model_len": loaded.context_length,
+            "load_seconds": round(loaded.load_seconds, 3),
+        }
     )

@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engines.engine import Engine, EngineLimits
-from gateway.admin import load_lora_adapter, unload_lora_adapter
+from gateway.admin import load_lora_adapter, load_model, unload_lora_adapter
 from gateway.chat import chat_completions
 from gateway.completions import completions
 from gateway.errors import EXCEPTION_HANDLERS
@@ -43,7 +43,7 @@ def engine_limits(settings: Settings) -> EngineLimits:
 def middleware(settings: Settings) -> list[Middleware]:
     """Outermost first: request id and access log, CORS (only if configured), body limit, auth."""
     server = settings.server
-    stack = [Middleware(RequestContext, json_logs=server.log_format == "json")]
+    stack = [Middleware(RequestContext)]
     if server.cors_origins:
         stack.append(
             Middleware(
@@ -81,6 +81,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"]),
         Route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"]),
+        Route("/v1/load_model", load_model, methods=["POST"]),
+        Route("/v1/unload_model", unload_lora_adapter, methods=["POST"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
     app = Starlette(

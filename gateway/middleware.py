@@ -33,9 +33,8 @@ async def _send_error(send: Send, error: APIError, extra_headers: list[tuple[byt
 class RequestContext:
     """Gives every request an id (the client's ``x-request-id`` if it sent a sane one) and logs it."""
 
-    def __init__(self, app: ASGIApp, *, json_logs: bool = False) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.json_logs = json_logs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -76,10 +75,8 @@ class RequestContext:
             "latency_ms": round(seconds * 1000, 1),
             "request_id": request_id,
         }
-        if self.json_logs:
-            log.info(json.dumps(fields))
-        else:
-            log.info(" ".join(f"{key}={value}" for key, value in fields.items() if value is not None))
+        text = " ".join(f"{key}={value}" for key, value in fields.items() if value is not None)
+        log.info("%s", text, extra={"fields": fields})
 
 
 class ApiKeyAuth:

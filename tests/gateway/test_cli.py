@@ -1,0 +1,147 @@
+"""The CLI through a real running gateway, as subprocesses, the way people use it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import RunningServer, TinyModels, free_port
+from tests.e2e.conftest import tiny_settings
+
+pytestmark = pytest.mark.e2e
+
+
+def cli(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.fixture(scope="module")
+def server(start_server: Any, tiny_models: TinyModels) -> RunningServer:
+    result: RunningServer = start_server(tiny_settings(tiny_models))
+    return result
+
+
+def test_every_verb_has_help() -> None:
+    for verb in ("serve", "models", "pull", "launch", "unload", "chat"):
+        result = cli(verb, "--help")
+        assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_models_prints_a_table(server: RunningServer) -> None:
+    result = cli("models", "--url", server.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].split()[:3] == ["ID", "PARENT", "LOADED"]
+    assert "tiny+tiny-lora" in result.stdout
+
+
+def test_launch_with_peft_model_id_preloads_and_prints_the_id(server: RunningServer) -> None:
+    result = cli("launch", "tiny", "--peft-model-id", "tiny-lora", "--url", server.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "tiny+tiny-lora"
+    listed = {m["id"]: m for m in httpx.get(f"{server.v1}/models", timeout=10).json()["data"]}
+    assert listed["tiny+tiny-lora"]["loaded"] is True
+
+
+def test_unload_frees_a_loaded_variant(server: RunningServer) -> None:
+    assert cli("launch", "tiny+tiny-lora", "--url", server.url).returncode == 0
+    result = cli("unload", "tiny+tiny-lora", "--url", server.url)
+    assert result.returncode == 0, result.stderr
+    listed = {m["id"]: m for m in httpx.get(f"{server.v1}/models", timeout=10).json()["data"]}
+    assert listed["tiny+tiny-lora"]["loaded"] is False
+
+
+def test_chat_reads_piped_lines_and_keeps_history(server: RunningServer) -> None:
+    result = cli(
+        "chat",
+        "tiny",
+        "--url",
+        server.url,
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+        stdin="hello\n/reset\nsecond message\n/exit\nnever sent\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2  # one reply line per message before /exit
+    assert "history cleared" in result.stderr
+
+
+def test_errors_are_one_line_with_meaningful_exit_codes(server: RunningServer) -> None:
+    refused = cli("launch", "nope", "--url", server.url)
+    assert refused.returncode == 1
+    assert refused.stderr.count("\n") == 1 and "404" in refused.stderr and "Traceback" not in refused.stderr
+    unreachable = cli("models", "--url", f"http://127.0.0.1:{free_port()}")
+    assert unreachable.returncode == 3 and "cannot reach" in unreachable.stderr
+    usage = cli("launch", "tiny+a", "--peft-model-id", "b", "--url", server.url)
+    assert usage.returncode == 2
+
+
+def test_api_key_from_environment(start_server: Any, tiny_models: TinyModels) -> None:
+    settings = tiny_settings(tiny_models)
+    locked = start_server(
+        settings.model_copy(update={"server": settings.server.model_copy(update={"api_keys": ["k1"]})})
+    )
+    assert cli("models", "--url", locked.url).returncode == 1
+    assert cli("models", env={"PEFT_GATEWAY_URL": locked.url, "PEFT_GATEWAY_API_KEY": "k1"}).returncode == 0
+
+
+def test_serve_starts_from_a_config_file_and_bad_config_fails_fast(
+    tmp_path: Path, tiny_models: TinyModels
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nprot = 1\n")
+    result = cli("serve", "--config", str(bad))
+    assert result.returncode == 2 and "server.prot" in result.stderr and str(bad) in result.stderr
+    config = tmp_path / "good.toml"
+    config.write_text(f'[models.tiny]\nsource = "{tiny_models.base}"\ndtype = "float32"\n')
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "serve",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--log-format",
+            "json",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("serve did not come up")
+        ids = [m["id"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()["data"]]
+        assert ids == ["tiny"]
+    finally:
+        process.terminate()
+        _out, err = process.communicate(timeout=30)
+    access = [line for line in err.splitlines() if '"path": "/v1/models"' in line]
+    assert access and '"request_id"' in access[0] and '"status": 200' in access[0]
