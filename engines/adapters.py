@@ -112,6 +112,9 @@ def local_adapter_folder(policy: AdapterPolicy, text: str) -> Path | None:
     """
     if "\x00" in text:
         raise InvalidModelName("Adapter path contains a NUL character.")
+    # Refused outright, whether or not the target exists, so the answer reveals nothing about the disk.
+    if ".." in text.replace("\\", "/").split("/"):
+        raise InvalidModelName(f"Adapter path '{text}' must not contain '..' components.")
     path = PurePath(os.path.expanduser(text))
     roots = [root.expanduser().resolve() for root in policy.adapter_dirs]
     candidates = [Path(path)] if path.is_absolute() else [root / path for root in roots]

@@ -74,6 +74,7 @@ def base_folder(spec: BaseSpec) -> Path:
 
 def load_base(spec: BaseSpec) -> LoadedModel:
     """Load tokenizer and weights of a configured base; safetensors are preferred over pickle."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
@@ -91,7 +92,8 @@ def load_base(spec: BaseSpec) -> LoadedModel:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, RuntimeError, ImportError, KeyError) as exc:
+    except (OSError, ValueError, RuntimeError, ImportError, KeyError, SafetensorError) as exc:
+        # SafetensorError (a corrupt or truncated .safetensors file) derives from none of the others.
         raise ModelLoadFailed(f"Could not load base model '{spec.name}' from '{folder}': {exc}") from exc
     if spec.quantization == "none":
         model.to(spec.device)
@@ -236,6 +238,7 @@ def build_variant(base: LoadedModel, files: AdapterFiles, name: str) -> LoadedMo
     target_dtype = next(base.model.parameters()).dtype
     try:
         peft_model = PeftModel.from_pretrained(clone, str(files.folder), is_trainable=False)
+        _check_weights_complete(files, peft_model)
         replaced: list[Any] = []
         for module in peft_model.modules():
             if isinstance(module, LoraLayer):
@@ -249,7 +252,12 @@ def build_variant(base: LoadedModel, files: AdapterFiles, name: str) -> LoadedMo
         merged = peft_model.merge_and_unload()
         for layer in replaced:
             layer.weight = torch.nn.Parameter(layer.weight.detach().to(target_dtype), requires_grad=False)
-    except (ValueError, RuntimeError, KeyError, OSError) as exc:
+    except AdapterRejected:
+        raise
+    except Exception as exc:
+        # The files are untrusted input: safetensors and torch's weights-only unpickler raise many types
+        # (SafetensorError, UnpicklingError, IndexError, EOFError...) for a corrupt file.
+        log.warning("merging adapter %s failed", files.ref.key, exc_info=True)
         raise AdapterRejected(f"Adapter '{files.ref.key}' could not be merged: {exc}") from exc
     merged.eval()
     merged.requires_grad_(False)
@@ -275,6 +283,48 @@ def build_variant(base: LoadedModel, files: AdapterFiles, name: str) -> LoadedMo
         variant.load_seconds,
     )
     return variant
+
+
+_SAVED_LORA_KEY_RE = re.compile(r"^base_model\.model\.(.*)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+
+
+def _saved_lora_matrices(weights_file: Path) -> set[tuple[str, str]]:
+    """``(module path, "lora_A" | "lora_B")`` for every LoRA matrix the weights file holds."""
+    if weights_file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(weights_file), framework="pt") as handle:
+            keys = list(handle.keys())
+    else:
+        import torch
+
+        keys = list(torch.load(weights_file, map_location="meta", weights_only=True))
+    matches = (_SAVED_LORA_KEY_RE.match(key) for key in keys)
+    return {(match.group(1), match.group(2)) for match in matches if match}
+
+
+def _check_weights_complete(files: AdapterFiles, peft_model: Any) -> None:
+    """Refuse an adapter whose file lacks matrices for modules it targets.
+
+    peft only warns about missing keys and leaves those matrices at their initialisation (random with
+    ``init_lora_weights=False``, zero B otherwise), so merging would silently serve noise or the base.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    saved = _saved_lora_matrices(files.weights_file)
+    missing = [
+        f"{path}.{which}"
+        for module_name, module in peft_model.named_modules()
+        if isinstance(module, LoraLayer) and len(module.lora_A)
+        for path in [module_name.removeprefix("base_model.model.")]
+        for which in ("lora_A", "lora_B")
+        if (path, which) not in saved
+    ]
+    if missing:
+        raise AdapterRejected(
+            f"Adapter '{files.ref.key}' targets {len(missing)} LoRA matrices its weights file does not "
+            f"hold (e.g. {missing[:3]}): the file is incomplete or was saved for a different model."
+        )
 
 
 def _adapter_tokenizer(folder: Path, base_tokenizer: Any) -> Any:

@@ -19,17 +19,18 @@ _BASE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
 _ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _REVISION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,254}$")
-_PATH_CHARS_RE = re.compile(r"^[^\x00-\x1f\x7f]+$")
+# No C0 controls, DEL or C1 controls anywhere (a name is never a place for a newline or an escape).
+_PATH_CHARS_RE = re.compile(r"^[^\x00-\x1f\x7f-\x9f]+$")
 
 
 def is_hub_id(text: str) -> bool:
     """True for strings shaped like a Hub repository id (``org/name``)."""
-    return bool(_HUB_ID_RE.match(text)) and "--" not in text and ".." not in text
+    return bool(_HUB_ID_RE.fullmatch(text)) and "--" not in text and ".." not in text
 
 
 def is_alias(text: str) -> bool:
     """True for a bare configured-adapter alias: one path component of safe characters."""
-    return bool(_ALIAS_RE.match(text)) and ".." not in text
+    return bool(_ALIAS_RE.fullmatch(text)) and ".." not in text
 
 
 def looks_like_path(text: str) -> bool:
@@ -49,13 +50,14 @@ class ModelName:
     def parse(cls, text: str) -> ModelName:
         if not isinstance(text, str) or not text.strip():
             raise InvalidModelName("'model' must be a non-empty string.")
-        text = text.strip()
         if len(text) > MAX_NAME_LENGTH:
             raise InvalidModelName(f"'model' is longer than {MAX_NAME_LENGTH} characters.")
-        if not _PATH_CHARS_RE.match(text):
+        # Checked before stripping: str.strip() would silently drop a trailing newline or \x1f.
+        if not _PATH_CHARS_RE.fullmatch(text):
             raise InvalidModelName("'model' contains control characters.")
+        text = text.strip(" ")
         base, plus, rest = text.partition("+")
-        if not _BASE_RE.match(base) or ".." in base:
+        if not _BASE_RE.fullmatch(base) or ".." in base:
             raise InvalidModelName(
                 f"'{base}' is not a valid base model name; use '<base>' or '<base>+<adapter>'."
             )
@@ -68,7 +70,7 @@ class ModelName:
             )
         if "+" in adapter:
             raise InvalidModelName(f"'{text}' has more than one '+'; only one adapter can be applied.")
-        if at and not (_REVISION_RE.match(revision) and ".." not in revision):
+        if at and not (_REVISION_RE.fullmatch(revision) and ".." not in revision):
             raise InvalidModelName(
                 f"'{revision}' is not a valid revision; use a branch, tag or commit hash after '@'."
             )

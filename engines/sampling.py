@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from engines.errors import InvalidGenerationRequest
+
 MAX_TOP_LOGPROBS = 20
 
 
@@ -64,6 +66,15 @@ class Sampler:
         p = self.params
         if p.logit_bias:
             if self._bias is None:
+                vocab = logits.shape[-1]
+                outside = sorted(t for t in p.logit_bias if not 0 <= t < vocab)
+                if outside:
+                    # A negative id would silently bias a token counted from the end of the vocabulary.
+                    raise InvalidGenerationRequest(
+                        f"logit_bias names token ids {outside[:5]} outside this model's vocabulary "
+                        f"[0, {vocab}).",
+                        param="logit_bias",
+                    )
                 ids = torch.tensor(list(p.logit_bias.keys()), device=logits.device)
                 values = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
                 self._bias = (ids, values)
