@@ -20,6 +20,10 @@ from engines.names import is_hub_id, looks_like_path
 
 log = logging.getLogger("peft_gateway.adapters")
 
+#: A silent Hub must not hold a request (and the single-flight load behind it) forever; adapters are
+#: small, so a few minutes is generous. Bases get no fixed limit: they can be many GB.
+ADAPTER_FETCH_TIMEOUT = 300.0
+
 
 @dataclass(frozen=True)
 class AdapterRef:
@@ -147,6 +151,7 @@ def fetch_adapter(ref: AdapterRef) -> Path:
         allow_patterns=hub.ADAPTER_FILES,
         token=ref.token,
         what="adapter",
+        timeout=ADAPTER_FETCH_TIMEOUT,
     )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from engines import hub
 from engines.adapters import AdapterFiles
 from engines.catalog import BaseSpec
+from engines.devices import auto_dtype_name
 from engines.errors import AdapterRejected, InvalidGenerationRequest, ModelLoadFailed
 
 log = logging.getLogger("peft_gateway.loader")
@@ -45,15 +46,10 @@ def resolve_dtype(spec: BaseSpec) -> Any:
     """The torch dtype for ``spec.dtype``; ``auto`` means bf16 where the device has it natively."""
     import torch
 
-    if spec.dtype == "float32":
-        return torch.float32
-    if spec.dtype == "bfloat16":
-        return torch.bfloat16
-    if spec.dtype == "float16":
-        return torch.float16
-    if spec.device.startswith("cuda") and torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    name = spec.dtype if spec.dtype != "auto" else auto_dtype_name(spec.device)
+    if spec.dtype == "auto":
+        log.info("dtype auto for %s on %s: %s", spec.name, spec.device, name)
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def dtype_name(dtype: Any) -> str:

@@ -105,7 +105,12 @@ def test_nbytes_counts_every_parameter_once(base32: LoadedModel) -> None:
     assert base32.nbytes == params + buffers
 
 
-def test_auto_dtype_on_cpu_is_float32(tiny_models: TinyModels) -> None:
+def test_auto_dtype_follows_native_bf16_support(tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engines import devices
+
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    assert load_base(spec_for(tiny_models, "auto")).dtype == "bfloat16"
+    monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2"}))
     assert load_base(spec_for(tiny_models, "auto")).dtype == "float32"
 
 
