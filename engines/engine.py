@@ -8,6 +8,7 @@ gone) cancels the sequence, which the worker drops at its next step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -147,9 +148,11 @@ class Engine:
         sampling: SamplingParams,
         stop: tuple[str, ...] = (),
         request_id: str = "",
+        ignore_eos: bool = False,
     ) -> GenerationRequest:
         prompt = render_chat(lease.loaded.tokenizer, messages)
-        return self._request(lease, prompt, max_tokens, sampling, stop, request_id, "messages")
+        request = self._request(lease, prompt, max_tokens, sampling, stop, request_id, "messages")
+        return dataclasses.replace(request, ignore_eos=ignore_eos) if ignore_eos else request
 
     def text_request(
         self,
@@ -160,6 +163,7 @@ class Engine:
         sampling: SamplingParams,
         stop: tuple[str, ...] = (),
         request_id: str = "",
+        ignore_eos: bool = False,
     ) -> GenerationRequest:
         ids = (
             list(prompt)
@@ -169,7 +173,8 @@ class Engine:
         vocab = len(lease.loaded.tokenizer)
         if any(not 0 <= token < vocab for token in ids):
             raise InvalidGenerationRequest(f"Prompt token ids must be in [0, {vocab}).", param="prompt")
-        return self._request(lease, ids, max_tokens, sampling, stop, request_id, "prompt")
+        request = self._request(lease, ids, max_tokens, sampling, stop, request_id, "prompt")
+        return dataclasses.replace(request, ignore_eos=ignore_eos) if ignore_eos else request
 
     def _request(
         self,

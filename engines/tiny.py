@@ -143,5 +143,5 @@ def save_tiny_adapter(
             if "lora_" in name:
                 param.normal_(0.0, 0.3)
     peft_model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
-    peft_model.save_pretrained(folder, safe_serialization=True, save_embedding_layers=False)
+    peft_model.save_pretrained(str(folder), safe_serialization=True, save_embedding_layers=False)
     return folder

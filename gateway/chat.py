@@ -16,7 +16,7 @@ from engines.generation import ChatMessage, GenerationRequest
 from engines.pool import Lease
 from gateway.errors import APIError, from_engine
 from gateway.protocol import ChatCompletionRequest
-from gateway.requests import cap_tokens, check_limits, parse_body, sampling_params
+from gateway.requests import cap_tokens, check_choices, check_limits, parse_body, sampling_params
 from gateway.settings import Settings
 from gateway.streaming import (
     DONE,
@@ -51,6 +51,39 @@ def refuse_unsupported(body: ChatCompletionRequest) -> None:
             param="response_format",
             code="unsupported_parameter",
         )
+    if body.functions:
+        raise APIError(
+            400,
+            "This gateway does not support function calling ('functions').",
+            param="functions",
+            code="unsupported_parameter",
+        )
+    if body.function_call not in (None, "none"):
+        raise APIError(
+            400,
+            "This gateway does not support 'function_call'.",
+            param="function_call",
+            code="unsupported_parameter",
+        )
+    if body.modalities is not None and "audio" in body.modalities:
+        raise APIError(
+            400, "Only the 'text' modality is supported.", param="modalities", code="unsupported_parameter"
+        )
+    unsupported = {
+        "audio": body.audio,
+        "prediction": body.prediction,
+        "reasoning_effort": body.reasoning_effort,
+        "verbosity": body.verbosity,
+        "web_search_options": body.web_search_options,
+    }
+    for param, value in unsupported.items():
+        if value is not None:
+            raise APIError(
+                400,
+                f"'{param}' is not supported by this gateway's models.",
+                param=param,
+                code="unsupported_parameter",
+            )
 
 
 async def chat_completions(request: Request) -> Response:
@@ -60,6 +93,7 @@ async def chat_completions(request: Request) -> Response:
     engine: Engine = request.app.state.engine
     limit = body.token_limit()
     check_limits(settings, limit, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
+    check_choices(settings, body.n, "n")
     lease = await engine.acquire(body.model)
     try:
         messages = [ChatMessage(role=m.role, content=m.text(), name=m.name) for m in body.messages]
@@ -72,6 +106,7 @@ async def chat_completions(request: Request) -> Response:
                 sampling=sampling_params(body, choice=i, logprobs=body.logprobs, top_logprobs=top),
                 stop=body.stop_list(),
                 request_id=getattr(request.state, "request_id", ""),
+                ignore_eos=body.ignore_eos,
             )
             for i in range(body.n)
         ]

@@ -226,7 +226,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.app import create_app
     from gateway.logs import configure_logging
 
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     settings = load_settings(args.config)
     overrides = {"host": args.host, "port": args.port, "log_format": args.log_format}
     server = settings.server.model_copy(update={k: v for k, v in overrides.items() if v is not None})
@@ -310,6 +309,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Before huggingface_hub is imported: it reads its settings once, at import.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

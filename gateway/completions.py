@@ -20,7 +20,7 @@ from engines.generation import GenerationEvent, GenerationRequest
 from engines.pool import Lease
 from gateway.errors import APIError, from_engine
 from gateway.protocol import CompletionRequest
-from gateway.requests import cap_tokens, check_limits, parse_body, sampling_params
+from gateway.requests import cap_tokens, check_choices, check_limits, parse_body, sampling_params
 from gateway.settings import Settings
 from gateway.streaming import DONE, event_stream, run_choices, sse_data, usage_dict
 
@@ -48,8 +48,14 @@ def refuse_unsupported(body: CompletionRequest) -> None:
         raise APIError(
             400, "'best_of' other than 'n' is not supported.", param="best_of", code="unsupported_parameter"
         )
-    if body.echo and body.stream and body.logprobs is not None:
-        raise APIError(400, "'echo' with 'logprobs' is not supported when streaming.", param="echo")
+    if body.echo and body.logprobs is not None:
+        # OpenAI's answer would carry the prompt's own token logprobs too; these would silently lack them.
+        raise APIError(
+            400,
+            "'echo' with 'logprobs' (prompt logprobs) is not supported.",
+            param="echo",
+            code="unsupported_parameter",
+        )
 
 
 def _legacy_logprobs(event: GenerationEvent, offset: int) -> dict[str, Any]:
@@ -75,6 +81,7 @@ async def completions(request: Request) -> Response:
     engine: Engine = request.app.state.engine
     check_limits(settings, body.max_tokens, "max_tokens")
     prompts = _prompts(body)
+    check_choices(settings, len(prompts) * body.n, "n" if body.n > 1 else "prompt")
     lease = await engine.acquire(body.model)
     try:
         want_logprobs = body.logprobs is not None
@@ -90,6 +97,7 @@ async def completions(request: Request) -> Response:
                     ),
                     stop=body.stop_list(),
                     request_id=getattr(request.state, "request_id", ""),
+                    ignore_eos=body.ignore_eos,
                 )
                 requests.append(cap_tokens(generation, settings.server.max_tokens_limit))
     except BaseException:

@@ -131,17 +131,71 @@ def from_validation(error: ValidationError) -> APIError:
     )
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _is_text(value: str) -> bool:
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _lone_surrogate(payload: Any) -> str | None:
+    """The ``param`` of the first string (or key) holding a lone UTF-16 surrogate, else ``None``.
+
+    JSON's ``\\ud800`` escapes decode to such strings, which no tokenizer can encode (and which
+    cannot even be written back in an error message as UTF-8).
+    """
+    stack: list[tuple[str, Any]] = [("", payload)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not _is_text(value):
+                return path or None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not _is_text(key):
+                    escaped = key.encode("utf-8", "backslashreplace").decode("utf-8")
+                    return f"{path}.{escaped}" if path else escaped
+                stack.append((f"{path}.{key}" if path else key, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{index}]", item) for index, item in enumerate(value))
+    return None
+
+
 async def parse_json(request: Request) -> Any:
-    """The request body as JSON, or a 400 that says why it is not."""
+    """The request body as JSON, or a 400 that says why it is not.
+
+    Strict JSON: ``NaN`` and ``Infinity`` (which Python's parser accepts) are refused, and so are
+    strings with lone surrogates, which are not Unicode text.
+    """
     body = await request.body()
     if not body:
         raise APIError(400, "The request body is empty; send a JSON object.", code="invalid_json")
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        payload = json.loads(body, parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, huge integers, NaN
         raise APIError(
             400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json"
         ) from exc
+    except RecursionError as exc:
+        raise APIError(
+            400, "The JSON body of your request is nested too deeply.", code="invalid_json"
+        ) from exc
+    bad = _lone_surrogate(payload)
+    if bad is not None:
+        raise APIError(
+            400,
+            f"Invalid value for '{bad}': a string holds a lone UTF-16 surrogate, which is not valid Unicode.",
+            param=bad,
+            code="invalid_value",
+        )
+    return payload
 
 
 async def handle_api_error(request: Request, exc: Exception) -> Response:

@@ -7,15 +7,34 @@ parameter took effect when it did not.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STOP = 4
+_TOKEN_ID = re.compile(r"-?[0-9]{1,19}")
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """An explicit ``null`` for an optional field means "not given", as in OpenAI's API.
+
+        Clients that serialise every attribute (``"n": null``, ``"stream": null``) are accepted; a
+        ``null`` for a required field still fails, naming that field.
+        """
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            key: value
+            for key, value in data.items()
+            if value is not None or key not in fields or fields[key].is_required()
+        }
 
 
 class TextPart(_Request):
@@ -76,7 +95,8 @@ class SamplingFields(_Request):
     user: str | None = None
     # Extras that vLLM and llama.cpp accept too.
     top_k: int | None = Field(default=None, ge=-1)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    # Below 0.01 the division by the penalty overflows float32 logits to inf, and sampling breaks.
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=10.0)
     ignore_eos: bool = False
 
     @field_validator("stop")
@@ -95,7 +115,7 @@ class SamplingFields(_Request):
     @classmethod
     def _bias_range(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
-            if not key.lstrip("-").isdigit():
+            if not _TOKEN_ID.fullmatch(key):  # str.isdigit() is true for "²", which int() refuses
                 raise ValueError(f"logit_bias keys must be token ids, got '{key}'")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
@@ -125,6 +145,19 @@ class ChatCompletionRequest(SamplingFields):
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
+    # Identifiers and hints that do not change what is generated (like ``user``): accepted.
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    # OpenAI fields this gateway cannot honour. They are part of the schema so that a client hears
+    # "not supported" (``chat.refuse_unsupported``) rather than "unrecognized argument".
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:

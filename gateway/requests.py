@@ -62,3 +62,19 @@ def check_limits(settings: Settings, limit: int | None, param: str) -> None:
             param=param,
             code="invalid_value",
         )
+
+
+def check_choices(settings: Settings, count: int, param: str) -> None:
+    """A request with more sequences than the engine can ever hold at once is a 400, not a 503.
+
+    A 503 tells the client to retry, and this request would be refused every time.
+    """
+    capacity = settings.engine.max_batch + settings.engine.max_waiting
+    if count > capacity:
+        raise APIError(
+            400,
+            f"This request asks for {count} sequences ('n' times the number of prompts); this gateway "
+            f"runs at most {capacity} at once.",
+            param=param,
+            code="invalid_value",
+        )
