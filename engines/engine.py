@@ -56,6 +56,8 @@ class EngineLimits:
     max_models: int | None = None
     max_batch: int = 16
     max_waiting: int = 64
+    prefill_chunk: int = 512
+    prefix_cache_bytes: int = 256 * 2**20
 
 
 class Engine:
@@ -64,7 +66,12 @@ class Engine:
     def __init__(self, catalog: Catalog, limits: EngineLimits = EngineLimits()) -> None:
         self.created = int(time.time())
         self.pool = ModelPool(catalog, max_bytes=limits.max_memory_bytes, max_models=limits.max_models)
-        self.scheduler = Scheduler(max_active=limits.max_batch, max_waiting=limits.max_waiting)
+        self.scheduler = Scheduler(
+            max_active=limits.max_batch,
+            max_waiting=limits.max_waiting,
+            prefill_chunk=limits.prefill_chunk,
+            prefix_cache_bytes=limits.prefix_cache_bytes,
+        )
         self.reporters: list[Callable[[GenerationReport], None]] = []
 
     @property
@@ -236,7 +243,8 @@ class Engine:
                 completion_tokens=last.completion_tokens if last else 0,
                 time_to_first_token=first,
                 seconds=time.perf_counter() - started,
-                finish_reason=(last.finish_reason if last else None) or ("error" if last and last.error else None),
+                finish_reason=(last.finish_reason if last else None)
+                or ("error" if last and last.error else None),
             )
             for reporter in self.reporters:
                 reporter(report)

@@ -40,6 +40,8 @@ class LoadedModel:
     load_seconds: float
     parent: str | None = None
     root: str | None = None
+    #: KV of recently prefilled prompts, owned by the engine thread (see ``engines.prefix_cache``).
+    prefix_cache: Any = None
 
 
 def resolve_dtype(spec: BaseSpec) -> Any:

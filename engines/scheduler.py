@@ -26,6 +26,7 @@ from typing import Any
 from engines.errors import Overloaded
 from engines.kvcache import BatchKVCache
 from engines.loader import LoadedModel
+from engines.prefix_cache import PrefixCache, cache_from_prefix
 from engines.sequence import Sequence
 
 log = logging.getLogger("peft_gateway.scheduler")
@@ -82,8 +83,16 @@ class _ModelBatch:
 class Scheduler:
     """Owns the worker thread; ``submit`` is safe from any thread."""
 
-    def __init__(self, *, max_active: int = 16, max_waiting: int = 64, prefill_chunk: int = 512) -> None:
+    def __init__(
+        self,
+        *,
+        max_active: int = 16,
+        max_waiting: int = 64,
+        prefill_chunk: int = 512,
+        prefix_cache_bytes: int = 256 * 2**20,
+    ) -> None:
         self.max_active = max_active
+        self.prefix_cache_bytes = prefix_cache_bytes
         self.max_waiting = max_waiting
         self.prefill_chunk = prefill_chunk
         self.stats = SchedulerStats()
@@ -177,10 +186,12 @@ class Scheduler:
         from transformers import DynamicCache
 
         model = sequence.model.model
-        if sequence.cache is None:
-            sequence.cache = DynamicCache()
-            sequence.prefilled = 0
         prompt = sequence.request.prompt_ids
+        prefixes = self._prefix_cache(sequence.model)
+        if sequence.cache is None:
+            reused, layers = prefixes.lookup(prompt) if prefixes is not None else (0, None)
+            sequence.cache = cache_from_prefix(layers, reused) if layers is not None else DynamicCache()
+            sequence.prefilled = reused
         chunk = prompt[sequence.prefilled : sequence.prefilled + budget]
         ids = torch.tensor([chunk], dtype=torch.long, device=sequence.model.device)
         output = model(
@@ -190,7 +201,17 @@ class Scheduler:
         self.stats.prefill_tokens += len(chunk)
         if sequence.prefilled >= len(prompt):
             sequence.logits = output.logits[0, -1]
+            if prefixes is not None:
+                prefixes.store(prompt, sequence.cache)
         return len(chunk)
+
+    def _prefix_cache(self, loaded: LoadedModel) -> PrefixCache | None:
+        if self.prefix_cache_bytes <= 0:
+            return None
+        if loaded.prefix_cache is None:
+            loaded.prefix_cache = PrefixCache(self.prefix_cache_bytes)
+        cache: PrefixCache = loaded.prefix_cache
+        return cache
 
     def _join(self, sequence: Sequence) -> None:
         key = id(sequence.model.model)

@@ -37,6 +37,8 @@ def engine_limits(settings: Settings) -> EngineLimits:
         max_models=settings.cache.max_models,
         max_batch=settings.engine.max_batch,
         max_waiting=settings.engine.max_waiting,
+        prefill_chunk=settings.engine.prefill_chunk,
+        prefix_cache_bytes=int(settings.engine.prefix_cache),
     )
 
 

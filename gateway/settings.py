@@ -67,6 +67,8 @@ class CacheSettings(_Strict):
 class EngineSettings(_Strict):
     max_batch: int = Field(default=16, ge=1, le=256)
     max_waiting: int = Field(default=64, ge=0)
+    prefill_chunk: int = Field(default=512, ge=16)
+    prefix_cache: ByteSize = Field(default=ByteSize(256 * 2**20))
 
 
 class Settings(BaseSettings):

@@ -119,3 +119,25 @@ def test_long_prompt_is_prefilled_in_chunks(tiny_models: TinyModels) -> None:
         asyncio.run(scenario())
     finally:
         engine.close()
+
+
+def test_prefix_reuse_never_changes_an_answer_and_is_per_model(engine: Engine) -> None:
+    system = "You are a terse assistant who answers in one line. " * 3
+
+    async def scenario() -> None:
+        engine.scheduler.prefix_cache_bytes = 0
+        cold = [
+            await generate(engine, m, system + q, n=16) for m in ("tiny", "tiny+lora") for q in ("A?", "B?")
+        ]
+        engine.scheduler.prefix_cache_bytes = 64 * 2**20
+        warm = [
+            await generate(engine, m, system + q, n=16) for m in ("tiny", "tiny+lora") for q in ("A?", "B?")
+        ]
+        assert warm == cold
+        base = (await engine.acquire("tiny")).loaded
+        variant = (await engine.acquire("tiny+lora")).loaded
+        assert base.prefix_cache is not variant.prefix_cache
+        assert base.prefix_cache.hits >= 1 and variant.prefix_cache.hits >= 1
+        assert base.prefix_cache.reused_tokens >= len(system) - 1
+
+    asyncio.run(scenario())
