@@ -105,6 +105,10 @@ class Scheduler:
         self._thread.start()
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closed
+
+    @property
     def queue_depth(self) -> int:
         return len(self._waiting)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -28,7 +30,32 @@ log = logging.getLogger("peft_gateway.app")
 
 
 async def health(request: Request) -> Response:
+    """Liveness: the process answers."""
     return JSONResponse({"status": "ok"})
+
+
+async def ready(request: Request) -> Response:
+    """Readiness: config loaded, engine thread alive, HF cache writable (downloads would fail otherwise)."""
+    engine: Engine = request.app.state.engine
+    checks = {
+        "config": True,
+        "engine": engine.scheduler.alive,
+        "cache_writable": hf_cache_writable(),
+    }
+    status = 200 if all(checks.values()) else 503
+    return JSONResponse({"status": "ready" if status == 200 else "not_ready", "checks": checks}, status_code=status)
+
+
+def hf_cache_writable() -> bool:
+    from huggingface_hub import constants
+
+    folder = Path(constants.HF_HUB_CACHE)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ready-"):
+            return True
+    except OSError:
+        return False
 
 
 def engine_limits(settings: Settings) -> EngineLimits:
@@ -77,6 +104,7 @@ def create_app(settings: Settings) -> Starlette:
     routes = [
         Route("/", playground, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),

@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+# Hermetic Hub settings, before anything imports huggingface_hub (it reads them once, at import):
+# no network, no telemetry, and a throw-away cache instead of the user's.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="peft-gateway-tests-hf-")
+os.environ.pop("HF_HUB_CACHE", None)
+os.environ.pop("HF_TOKEN", None)
+
 import socket
 import threading
 import time

@@ -87,3 +87,9 @@ def test_cors_only_when_configured(locked_server: RunningServer, tiny_server: Ru
     assert allowed.headers.get("access-control-allow-origin") == "http://example.test"
     closed = httpx.get(f"{tiny_server.v1}/models", headers={"Origin": "http://example.test"}, timeout=10)
     assert "access-control-allow-origin" not in closed.headers
+
+
+def test_ready_reports_checks_and_needs_no_key(locked_server: RunningServer) -> None:
+    response = httpx.get(f"{locked_server.url}/ready", timeout=10)
+    assert response.status_code == 200
+    assert response.json()["checks"] == {"config": True, "engine": True, "cache_writable": True}
