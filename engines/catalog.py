@@ -29,6 +29,9 @@ class BaseSpec:
     aliases: tuple[str, ...] = ()
     trust_remote_code: bool = False
     token: str | None = None
+    #: "merge": one merged variant per adapter; "multi": adapters stay unmerged and share batches;
+    #: "auto": multi, with the busiest adapters promoted to merged variants.
+    adapter_mode: str = "merge"
 
     def known_names(self) -> tuple[str, ...]:
         """Every name an adapter's ``base_model_name_or_path`` may use to mean this base."""

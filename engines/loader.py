@@ -42,6 +42,9 @@ class LoadedModel:
     root: str | None = None
     #: KV of recently prefilled prompts, owned by the engine thread (see ``engines.prefix_cache``).
     prefix_cache: Any = None
+    #: Unmerged multi-adapter serving: the base's registry and this model's slot in it (0: no adapter).
+    multilora: Any = None
+    adapter_slot: int = 0
 
 
 def resolve_dtype(spec: BaseSpec) -> Any:
@@ -259,7 +262,7 @@ def build_variant(base: LoadedModel, files: AdapterFiles, name: str) -> LoadedMo
         raise AdapterRejected(f"Adapter '{files.ref.key}' could not be merged: {exc}") from exc
     merged.eval()
     merged.requires_grad_(False)
-    tokenizer = _adapter_tokenizer(files.folder, base.tokenizer)
+    tokenizer = adapter_tokenizer(files.folder, base.tokenizer)
     variant = LoadedModel(
         name=name,
         model=merged,
@@ -325,7 +328,7 @@ def _check_weights_complete(files: AdapterFiles, peft_model: Any) -> None:
         )
 
 
-def _adapter_tokenizer(folder: Path, base_tokenizer: Any) -> Any:
+def adapter_tokenizer(folder: Path, base_tokenizer: Any) -> Any:
     """An adapter may ship its own tokenizer (e.g. a different chat template); otherwise the base's."""
     if not (folder / "tokenizer_config.json").is_file():
         return base_tokenizer

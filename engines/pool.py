@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engines.adapters import (
+    AdapterFiles,
     AdapterRef,
     check_base_match,
     fetch_adapter,
@@ -22,10 +23,45 @@ from engines.adapters import (
 )
 from engines.catalog import BaseSpec, Catalog
 from engines.errors import AdapterRejected, Overloaded
-from engines.loader import LoadedModel, build_variant, check_adapter_fits, load_base
+from engines.loader import LoadedModel, adapter_tokenizer, build_variant, check_adapter_fits, load_base
+from engines.multilora import load_lora_weights, multilora_for, unsupported_reason
 from engines.names import ModelName
 
 log = logging.getLogger("peft_gateway.pool")
+
+MERGED_SUFFIX = "#merged"
+
+
+def attach_unmerged(base: LoadedModel, files: AdapterFiles, model_id: str) -> LoadedModel:
+    """Register the adapter on the base's multi-LoRA hooks; the result shares the base model object."""
+    started = time.perf_counter()
+    parameter = next(base.model.parameters())
+    weights = load_lora_weights(files.weights_file, files.config, parameter.dtype, parameter.device)
+    registry = multilora_for(base.model)
+    base.multilora = registry
+    slot = registry.add(files.ref.key, weights)
+    log.info(
+        "attached adapter %s to %s unmerged (slot %d, %.1f MiB)",
+        files.ref.key,
+        base.name,
+        slot,
+        weights.nbytes / 2**20,
+    )
+    return LoadedModel(
+        name=model_id,
+        model=base.model,
+        tokenizer=adapter_tokenizer(files.folder, base.tokenizer),
+        dtype=base.dtype,
+        device=base.device,
+        context_length=base.context_length,
+        eos_token_ids=base.eos_token_ids,
+        nbytes=weights.nbytes,
+        load_seconds=time.perf_counter() - started,
+        parent=base.name,
+        root=files.ref.source,
+        multilora=registry,
+        adapter_slot=slot,
+    )
 
 
 @dataclass
@@ -91,7 +127,13 @@ class ModelPool:
         max_bytes: int | None = None,
         max_models: int | None = None,
         base_loader: Callable[[BaseSpec], LoadedModel] = load_base,
+        merge_after: int = 16,
+        max_merged_per_base: int = 2,
     ) -> None:
+        self.merge_after = merge_after
+        self.max_merged_per_base = max_merged_per_base
+        self._adapter_requests: dict[str, int] = {}
+        self._promotions: set[asyncio.Task[PoolEntry]] = set()
         self.catalog = catalog
         self.max_bytes = max_bytes
         self.max_models = max_models
@@ -122,17 +164,62 @@ class ModelPool:
         ref = resolve_adapter_ref(self.catalog, spec, name.adapter, name.revision)
         model_id = f"{spec.name}+{ref.alias or name.adapter}" + (f"@{name.revision}" if name.revision else "")
         variant_key = f"{spec.name}+{ref.key}"
+        merged_key = variant_key + MERGED_SUFFIX
+        if spec.adapter_mode == "auto" and merged_key in self._entries:
+            return self._lease(self._entries[merged_key], model_id)
+        multi = spec.adapter_mode in ("multi", "auto")
         if variant_key in self._entries:
-            return self._lease(self._entries[variant_key], model_id)
-        base = await self._get(spec.name, lambda: asyncio.to_thread(self._base_loader, spec))
-        base.dependents += 1  # pin the base while its variant is being built
-        try:
-            entry = await self._get(
-                variant_key, lambda: self._load_variant(spec, base, ref, model_id), base_key=spec.name
-            )
-        finally:
-            base.dependents -= 1
+            entry = self._entries[variant_key]
+        else:
+            base = await self._get(spec.name, lambda: asyncio.to_thread(self._base_loader, spec))
+            base.dependents += 1  # pin the base while its variant is being built
+            try:
+                entry = await self._get(
+                    variant_key,
+                    lambda: self._load_variant(spec, base, ref, model_id, multi=multi),
+                    base_key=spec.name,
+                )
+            finally:
+                base.dependents -= 1
+        if spec.adapter_mode == "auto" and entry.loaded.multilora is not None:
+            self._count_for_promotion(spec, ref, model_id, variant_key)
         return self._lease(entry, model_id)
+
+    def _count_for_promotion(self, spec: BaseSpec, ref: AdapterRef, model_id: str, variant_key: str) -> None:
+        """In ``auto`` mode, a busy adapter gets a merged variant (no per-token LoRA cost) in the background."""
+        count = self._adapter_requests[variant_key] = self._adapter_requests.get(variant_key, 0) + 1
+        merged_key = variant_key + MERGED_SUFFIX
+        merged_now = sum(
+            1
+            for key in [*self._entries, *self._loading]
+            if key.startswith(f"{spec.name}+") and key.endswith(MERGED_SUFFIX)
+        )
+        if count < self.merge_after or merged_key in self._loading or merged_now >= self.max_merged_per_base:
+            return
+        base = self._entries.get(spec.name)
+        if base is None:
+            return
+
+        async def promote() -> PoolEntry:
+            base.dependents += 1
+            try:
+                return await self._get(
+                    merged_key,
+                    lambda: self._load_variant(spec, base, ref, model_id, multi=False),
+                    base_key=spec.name,
+                )
+            finally:
+                base.dependents -= 1
+
+        task = asyncio.ensure_future(promote())
+        self._promotions.add(task)
+        task.add_done_callback(self._promotion_done)
+        log.info("promoting busy adapter %s to a merged variant", model_id)
+
+    def _promotion_done(self, task: asyncio.Task[PoolEntry]) -> None:
+        self._promotions.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("promotion to a merged variant failed: %s", task.exception())
 
     def variant_key(self, base: str, adapter: str, revision: str | None = None) -> str:
         """The pool key ``base+adapter`` would be stored under (raises if it cannot resolve)."""
@@ -140,7 +227,7 @@ class ModelPool:
         return f"{spec.name}+{resolve_adapter_ref(self.catalog, spec, adapter, revision).key}"
 
     async def _load_variant(
-        self, spec: BaseSpec, base: PoolEntry, ref: AdapterRef, model_id: str
+        self, spec: BaseSpec, base: PoolEntry, ref: AdapterRef, model_id: str, *, multi: bool = False
     ) -> LoadedModel:
         policy = self.catalog.policy
 
@@ -149,6 +236,13 @@ class ModelPool:
             files = read_adapter_files(ref, folder, policy)
             check_base_match(files, spec, policy)
             check_adapter_fits(files, base.loaded)
+            if multi:
+                reason = unsupported_reason(files.config) or (
+                    None if files.weights_file.suffix == ".safetensors" else "pickle weights"
+                )
+                if reason is None:
+                    return attach_unmerged(base.loaded, files, model_id)
+                log.info("adapter %s uses %s: serving it merged instead of unmerged", model_id, reason)
             return build_variant(base.loaded, files, model_id)
 
         return await asyncio.to_thread(work)
@@ -227,6 +321,8 @@ class ModelPool:
 
     def _drop(self, entry: PoolEntry) -> None:
         self._entries.pop(entry.key, None)
+        if entry.loaded.multilora is not None and entry.loaded.adapter_slot:
+            entry.loaded.multilora.remove(entry.loaded.adapter_slot)
         if entry.base_key is not None and entry.base_key in self._entries:
             self._entries[entry.base_key].dependents -= 1
 

@@ -14,12 +14,14 @@ A finished or cancelled sequence leaves its batch before the next step and frees
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +43,21 @@ def cache_kwarg(model: Any) -> str:
 def _cache_kwarg_for(model_type: type) -> str:
     parameters = inspect.signature(model_type.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
+
+
+@contextlib.contextmanager
+def adapter_rows(rows: list[Sequence]) -> Iterator[None]:
+    """Tell the base's multi-LoRA hooks which adapter each row uses, for one forward pass."""
+    registry = next((s.model.multilora for s in rows if s.model.multilora is not None), None)
+    if registry is None:
+        yield
+        return
+    with registry.lock:
+        registry.set_rows([s.model.adapter_slot for s in rows])
+        try:
+            yield
+        finally:
+            registry.set_rows([])
 
 
 @dataclass
@@ -198,9 +215,10 @@ class Scheduler:
             sequence.prefilled = reused
         chunk = prompt[sequence.prefilled : sequence.prefilled + budget]
         ids = torch.tensor([chunk], dtype=torch.long, device=sequence.model.device)
-        output = model(
-            input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): sequence.cache}
-        )
+        with adapter_rows([sequence]):
+            output = model(
+                input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): sequence.cache}
+            )
         sequence.prefilled += len(chunk)
         self.stats.prefill_tokens += len(chunk)
         if sequence.prefilled >= len(prompt):
@@ -254,14 +272,15 @@ class Scheduler:
         try:
             mask, positions = kv.step_inputs()
             ids = torch.tensor([[s.last_token()] for s in batch.rows], dtype=torch.long, device=mask.device)
-            output = batch.loaded.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=1,
-                **{batch.cache_key: kv},
-            )
+            with adapter_rows(batch.rows):
+                output = batch.loaded.model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **{batch.cache_key: kv},
+                )
             kv.advance()
         except Exception as exc:
             log.exception("decode step failed for a batch of %d", len(batch.rows))

@@ -50,6 +50,7 @@ class ModelSettings(_Strict):
     aliases: list[str] = Field(default_factory=list)
     trust_remote_code: bool = False
     token: str | None = None
+    adapter_mode: Literal["merge", "multi", "auto"] = "merge"
 
 
 class AdapterSettings(_Strict):
@@ -120,6 +121,7 @@ class Settings(BaseSettings):
                 aliases=tuple(model.aliases),
                 trust_remote_code=model.trust_remote_code,
                 token=model.token,
+                adapter_mode=model.adapter_mode,
             )
             for name, model in self.models.items()
         )

@@ -1,0 +1,212 @@
+"""Many LoRA adapters on one unmerged base, in one forward pass: each batch row picks its adapter.
+
+The base's targeted linear layers get a forward hook that adds ``(x @ A_row.T) @ B_row.T`` for every
+row, where ``A_row``/``B_row`` are gathered from stacks holding every registered adapter (slot 0 is
+all zeros: rows without an adapter). Two batched matmuls per layer serve any mix of adapters, so eight
+clients on eight adapters share one decode step instead of taking turns, and N adapters cost the base
+plus their own small weights rather than N merged copies.
+
+The engine thread holds ``lock`` around ``set_rows`` and the forward pass that uses it; registering or
+removing an adapter (from a loader thread) takes the same lock, so a forward never sees half a change.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engines.errors import AdapterRejected
+
+log = logging.getLogger("peft_gateway.multilora")
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(.*)\.(lora_A|lora_B)(?:\.default)?\.weight$")
+
+
+@dataclass
+class LoraWeights:
+    """One adapter as per-module (A, B * scale) pairs in the base's dtype."""
+
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values()
+        )
+
+
+def unsupported_reason(config: dict[str, Any]) -> str | None:
+    """Why an adapter cannot be served unmerged by this module (``None`` when it can)."""
+    if config.get("fan_in_fan_out"):
+        return "fan_in_fan_out layers"
+    if config.get("modules_to_save"):
+        return "modules_to_save (fully trained extra layers)"
+    if config.get("target_parameters"):
+        return "target_parameters"
+    if config.get("bias") not in (None, "none"):
+        return "trained biases"
+    return None
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    for pattern, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", module):
+            return value
+    return default
+
+
+def load_lora_weights(
+    weights_file: Path, config: dict[str, Any], dtype: torch.dtype, device: Any
+) -> LoraWeights:
+    """Read A/B matrices from safetensors and fold each module's scale into B."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(weights_file), device="cpu")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if match:
+            pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module, pair in pairs.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise AdapterRejected(f"Adapter weights for '{module}' are incomplete (need lora_A and lora_B).")
+        a, b = pair["lora_A"].float(), pair["lora_B"].float()
+        rank = a.shape[0]
+        alpha = float(
+            _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
+        )
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        modules[module] = (a.to(dtype=dtype, device=device), (b * scale).to(dtype=dtype, device=device))
+    if not modules:
+        raise AdapterRejected("The adapter's weights file holds no LoRA matrices.")
+    return LoraWeights(modules)
+
+
+class _Stack:
+    """Per-module stacks ``A [slots, r, in]`` and ``B [slots, out, r]``, rank padded with zeros."""
+
+    def __init__(self, layer: torch.nn.Linear) -> None:
+        self.in_features = layer.in_features
+        self.out_features = layer.out_features
+        self.dtype = layer.weight.dtype
+        self.device = layer.weight.device
+        self.rank = 0
+        self.a = torch.zeros(1, 0, self.in_features, dtype=self.dtype, device=self.device)
+        self.b = torch.zeros(1, self.out_features, 0, dtype=self.dtype, device=self.device)
+
+    def ensure(self, slots: int, rank: int) -> None:
+        if slots <= self.a.shape[0] and rank <= self.rank:
+            return
+        slots, rank = max(slots, self.a.shape[0]), max(rank, self.rank)
+        a = torch.zeros(slots, rank, self.in_features, dtype=self.dtype, device=self.device)
+        b = torch.zeros(slots, self.out_features, rank, dtype=self.dtype, device=self.device)
+        a[: self.a.shape[0], : self.rank] = self.a
+        b[: self.b.shape[0], :, : self.rank] = self.b
+        self.a, self.b, self.rank = a, b, rank
+
+    def put(self, slot: int, pair: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        self.a[slot].zero_()
+        self.b[slot].zero_()
+        if pair is not None:
+            a, b = pair
+            self.a[slot, : a.shape[0]] = a
+            self.b[slot, :, : b.shape[1]] = b
+
+
+class MultiLora:
+    """The adapters registered on one base model and the hooks that apply them per row."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._modules = dict(model.named_modules())
+        self._stacks: dict[str, _Stack] = {}
+        self._hooks: dict[str, Any] = {}
+        self._slots: dict[int, str] = {}  # slot -> adapter key
+        self._free: list[int] = []
+        self._next = 1
+        self._rows: torch.Tensor | None = None
+        self.lock = threading.RLock()
+
+    @property
+    def adapters(self) -> int:
+        return len(self._slots)
+
+    def add(self, key: str, weights: LoraWeights) -> int:
+        """Register an adapter; returns its slot (rows use it to select the adapter)."""
+        with self.lock:
+            return self._add(key, weights)
+
+    def _add(self, key: str, weights: LoraWeights) -> int:
+        for module in weights.modules:
+            layer = self._modules.get(module)
+            if not isinstance(layer, torch.nn.Linear):
+                raise AdapterRejected(
+                    f"Adapter targets '{module}', which is not a linear layer of this base."
+                )
+        slot = self._free.pop() if self._free else self._next
+        self._next = max(self._next, slot + 1)
+        self._slots[slot] = key
+        for module, pair in weights.modules.items():
+            stack = self._stacks.get(module)
+            if stack is None:
+                stack = self._stacks[module] = _Stack(self._modules[module])
+                layer = self._modules[module]
+                self._hooks[module] = layer.register_forward_hook(self._hook_for(stack, layer))
+            stack.ensure(self._next, pair[0].shape[0])
+            stack.put(slot, pair)
+        for module, stack in self._stacks.items():
+            stack.ensure(self._next, stack.rank)
+            if module not in weights.modules:
+                stack.put(slot, None)
+        return slot
+
+    def remove(self, slot: int) -> None:
+        """Forget an adapter; its slot is zeroed and reused."""
+        with self.lock:
+            if self._slots.pop(slot, None) is None:
+                return
+            for stack in self._stacks.values():
+                if slot < stack.a.shape[0]:
+                    stack.put(slot, None)
+            self._free.append(slot)
+
+    def set_rows(self, slots: list[int]) -> None:
+        """Which adapter each row of the next forward pass uses (0: none)."""
+        if not self._slots or not any(slots):
+            self._rows = None
+            return
+        device = next(iter(self._stacks.values())).device
+        self._rows = torch.tensor(slots, dtype=torch.long, device=device)
+
+    def _hook_for(self, stack: _Stack, layer: torch.nn.Module) -> Any:
+        def hook(
+            module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+        ) -> torch.Tensor | None:
+            rows = self._rows
+            # A merged variant's shallow clone shares this hook dict; only the base's own layer applies it.
+            if rows is None or module is not layer or rows.shape[0] != output.shape[0]:
+                return None
+            x = inputs[0]
+            a = stack.a.index_select(0, rows)  # [rows, r, in]
+            b = stack.b.index_select(0, rows)  # [rows, out, r]
+            return output + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+
+        return hook
+
+
+def multilora_for(model: torch.nn.Module) -> MultiLora:
+    """The model's ``MultiLora``, created on first use (kept on the model object itself)."""
+    existing = getattr(model, "_peft_gateway_multilora", None)
+    if isinstance(existing, MultiLora) and existing.model is model:
+        return existing
+    created = MultiLora(model)
+    model._peft_gateway_multilora = created  # type: ignore[assignment]
+    return created
