@@ -94,12 +94,12 @@ def prefix_rows(base: Path, dtype: str, prefix_tokens: int = 500) -> list[dict[s
         engine = Engine(catalog, EngineLimits(prefix_cache_bytes=(512 * 2**20) if reuse else 0))
         try:
 
-            async def run() -> float:
+            async def run(engine: Engine) -> float:
                 await _stream(engine, "smol", system + " first question?", 1)  # fills the prefix cache
                 ttfts = [(await _stream(engine, "smol", system + f" question {i}?", 1))[0] for i in range(3)]
                 return sorted(ttfts)[1]
 
-            ttft = asyncio.run(run())
+            ttft = asyncio.run(run(engine))
         finally:
             engine.close()
         rows.append(

@@ -10,6 +10,7 @@ absolute numbers on a shared machine are noise. Results also go to bench/results
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -160,7 +161,7 @@ def stream_one(url: str, model: str, new_tokens: int, prompt: str = PROMPT) -> t
             stamps.append(time.perf_counter())
         if chunk.usage is not None:
             usage = chunk.usage.completion_tokens
-    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
     return (stamps[0] - started if stamps else float("nan")), gaps, usage
 
 
