@@ -19,7 +19,9 @@ from tests.conftest import TinyModels
 
 def catalog(models: TinyModels) -> Catalog:
     return Catalog(
-        bases=(BaseSpec(name="tiny", source=str(models.base), dtype="float32", aliases=("test-org/tiny-base",)),),
+        bases=(
+            BaseSpec(name="tiny", source=str(models.base), dtype="float32", aliases=("test-org/tiny-base",)),
+        ),
         adapters=(AdapterSpec(alias="lora", source=str(models.adapter), base="tiny"),),
         policy=AdapterPolicy(adapter_dirs=(models.adapter_dirs,)),
     )
@@ -108,3 +110,50 @@ def test_idle_variants_are_evicted_lru_but_leased_ones_stay(tiny_models: TinyMod
     keys = sorted(entry.key for entry in pool.entries())
     assert keys[0] == "tiny" and keys[1].endswith("other-base-lora")
     assert sum(pool.stats.evictions.values()) == 1
+
+
+def test_eviction_under_a_small_budget_keeps_in_flight_requests_correct(tiny_models: TinyModels) -> None:
+    from engines.engine import Engine, EngineLimits
+    from engines.sampling import SamplingParams
+
+    lenient = catalog(tiny_models)
+    lenient = replace(lenient, policy=replace(lenient.policy, base_match="warn"))
+    models = ["tiny", "tiny+lora", "tiny+other-base-lora"]
+
+    async def answer(engine: Engine, model: str) -> str:
+        lease = await engine.acquire(model)
+        try:
+            request = engine.text_request(
+                lease, "budget", max_tokens=20, sampling=SamplingParams(temperature=0)
+            )
+            return "".join([event.text async for event in engine.generate(lease, request)])
+        finally:
+            lease.release()
+
+    roomy = Engine(lenient, EngineLimits())
+    try:
+        expected = {m: asyncio.run(answer(roomy, m)) for m in models}
+    finally:
+        roomy.close()
+
+    tight = Engine(lenient, EngineLimits(max_models=2))  # the base plus one variant at a time
+    try:
+
+        async def flood() -> list[tuple[str, str | BaseException]]:
+            jobs = [models[i % 3] for i in range(12)]
+            results = await asyncio.gather(*(answer(tight, m) for m in jobs), return_exceptions=True)
+            return list(zip(jobs, results, strict=True))
+
+        outcomes = asyncio.run(flood())
+        for model, result in outcomes:
+            if isinstance(result, BaseException):
+                assert isinstance(result, Overloaded), result  # refused cleanly, never a wrong answer
+            else:
+                assert result == expected[model]
+        assert any(not isinstance(r, BaseException) for _m, r in outcomes)
+        assert sum(tight.pool.stats.evictions.values()) >= 1 or len(tight.pool.entries()) <= 2
+        for model in models:  # once the flood is over, everything fits again, one after another
+            assert asyncio.run(answer(tight, model)) == expected[model]
+        assert len(tight.pool.entries()) <= 2
+    finally:
+        tight.close()
