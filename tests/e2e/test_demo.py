@@ -1,0 +1,57 @@
+"""The built-in demo through a real server and the openai SDK: English base, Chinese adapter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+import pytest
+
+from engines.demo import DEMO_QUESTIONS
+from gateway.cli import with_demo
+from gateway.settings import Settings
+from tests.conftest import RunningServer
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+QUESTION = "世界上最大的动物是什么？"
+
+
+@pytest.fixture(scope="module")
+def demo_server(start_server: Any, tmp_path_factory: pytest.TempPathFactory) -> RunningServer:
+    settings = with_demo(Settings(), tmp_path_factory.mktemp("demo"))
+    server: RunningServer = start_server(settings)
+    return server
+
+
+def ask(server: RunningServer, model: str, question: str, *, stream: bool = False) -> str:
+    client = openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": question}]
+    if not stream:
+        reply = client.chat.completions.create(model=model, messages=messages, temperature=0)  # type: ignore[arg-type]
+        return reply.choices[0].message.content or ""
+    chunks = client.chat.completions.create(model=model, messages=messages, temperature=0, stream=True)  # type: ignore[arg-type]
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert all("\ufffd" not in delta for delta in deltas), deltas
+    assert sum(1 for d in deltas if d) > 1  # really streamed, piece by piece
+    return "".join(deltas)
+
+
+def test_demo_models_are_listed(demo_server: RunningServer) -> None:
+    client = openai.OpenAI(base_url=demo_server.v1, api_key="unused", max_retries=0)
+    assert {"demo", "demo+demo-zh"} <= {m.id for m in client.models.list().data}
+
+
+def test_base_answers_in_english_and_adapter_in_chinese(demo_server: RunningServer) -> None:
+    english, chinese = DEMO_QUESTIONS[QUESTION]
+    assert ask(demo_server, "demo", QUESTION) == english
+    assert ask(demo_server, "demo+demo-zh", QUESTION) == chinese
+
+
+def test_streamed_chinese_never_contains_replacement_characters(demo_server: RunningServer) -> None:
+    _english, chinese = DEMO_QUESTIONS[QUESTION]
+    assert ask(demo_server, "demo+demo-zh", QUESTION, stream=True) == chinese
+    assert (
+        ask(demo_server, "demo-zh", "What is the capital of France?", stream=True)
+        == DEMO_QUESTIONS["What is the capital of France?"][1]
+    )
