@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from engines.engine import Engine, EngineLimits
 from gateway.admin import load_lora_adapter, load_model, unload_lora_adapter
+from gateway.cancellation import ClientDisconnected, handle_client_disconnected
 from gateway.chat import chat_completions
 from gateway.completions import completions
 from gateway.errors import EXCEPTION_HANDLERS
@@ -118,7 +119,7 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(
         routes=routes,
         middleware=middleware(settings),
-        exception_handlers=EXCEPTION_HANDLERS,
+        exception_handlers={ClientDisconnected: handle_client_disconnected, **EXCEPTION_HANDLERS},
         lifespan=lifespan,
     )
     app.state.settings = settings

@@ -14,6 +14,7 @@ from engines.engine import Engine
 from engines.errors import EngineError
 from engines.generation import ChatMessage, GenerationRequest
 from engines.pool import Lease
+from gateway.cancellation import run_while_connected
 from gateway.errors import APIError, from_engine
 from gateway.protocol import ChatCompletionRequest
 from gateway.requests import cap_tokens, check_choices, check_limits, parse_body, sampling_params
@@ -122,7 +123,11 @@ async def chat_completions(request: Request) -> Response:
         frames = _stream(engine, lease, requests, body.model, completion_id, created, include_usage)
         return event_stream(frames)
     try:
-        return await _complete(engine, lease, requests, body, completion_id, created)
+        return await run_while_connected(
+            request,
+            _complete(engine, lease, requests, body, completion_id, created),
+            timeout=settings.server.request_timeout,
+        )
     finally:
         lease.release()
 

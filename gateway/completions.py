@@ -18,6 +18,7 @@ from engines.engine import Engine
 from engines.errors import EngineError
 from engines.generation import GenerationEvent, GenerationRequest
 from engines.pool import Lease
+from gateway.cancellation import run_while_connected
 from gateway.errors import APIError, from_engine
 from gateway.protocol import CompletionRequest
 from gateway.requests import cap_tokens, check_choices, check_limits, parse_body, sampling_params
@@ -123,7 +124,11 @@ async def completions(request: Request) -> Response:
             )
         )
     try:
-        return await _complete(engine, lease, requests, body, completion_id, created, echoes)
+        return await run_while_connected(
+            request,
+            _complete(engine, lease, requests, body, completion_id, created, echoes),
+            timeout=settings.server.request_timeout,
+        )
     finally:
         lease.release()
 
