@@ -13,6 +13,7 @@ import argparse
 import itertools
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -77,12 +78,18 @@ def raw_generate(base: Path, dtype: str, batch: int, new_tokens: int, repeats: i
 # --- the gateway ----------------------------------------------------------------------------------
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class Gateway:
     """``peft-gateway serve`` in a subprocess with a generated config."""
 
-    def __init__(self, base: Path, adapter_root: Path, *, dtype: str, extra_toml: str = "") -> None:
-        from tests.conftest import free_port
-
+    def __init__(
+        self, base: Path, adapter_root: Path, *, dtype: str, extra_toml: str = "", adapter_mode: str = "merge"
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = Path(tempfile.mkdtemp()) / "bench.toml"
@@ -90,6 +97,7 @@ class Gateway:
             f'adapter_dirs = ["{adapter_root}"]\nbase_match = "warn"\n'
             f'[server]\nlog_level = "warning"\n[engine]\nmax_batch = 32\nmax_waiting = 256\n{extra_toml}\n'
             f'[models.smol]\nsource = "{base}"\ndtype = "{dtype}"\ncontext_length = 2048\n'
+            f'adapter_mode = "{adapter_mode}"\n'
         )
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -226,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--levels", default="1,4,8,16", help="concurrency levels")
     parser.add_argument("--adapters", default="1,8,32", help="distinct adapter counts")
     parser.add_argument("--skip-adapters", action="store_true")
+    parser.add_argument("--adapter-mode", default="multi", help="adapter_mode for the adapter scenarios")
+    parser.add_argument("--threads", type=int, default=0, help="[engine] threads (0: torch default)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving.json")
     args = parser.parse_args(argv)
     new_tokens = 32 if args.quick else 64
@@ -242,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_tokens": raw1.extra["prompt_tokens"],
     }
 
-    with Gateway(base, adapter_root, dtype=args.dtype) as gateway:
+    engine_toml = f"threads = {args.threads}"
+    with Gateway(
+        base, adapter_root, dtype=args.dtype, extra_toml=engine_toml, adapter_mode=args.adapter_mode
+    ) as gateway:
         gateway.preload("smol")
         stream_one(gateway.url, "smol", 4)  # warm-up
         summary["rss_base_mib"] = gateway.rss_mib()

@@ -206,7 +206,7 @@ def check_base_match(files: AdapterFiles, base: BaseSpec, policy: AdapterPolicy)
     declared = files.config.get("base_model_name_or_path")
     if not declared:
         return
-    if _same_model(str(declared), base.known_names()):
+    if same_model(str(declared), base.known_names()):
         return
     message = (
         f"Adapter '{files.ref.key}' was trained for base '{declared}', but the requested base is "
@@ -219,7 +219,7 @@ def check_base_match(files: AdapterFiles, base: BaseSpec, policy: AdapterPolicy)
     raise AdapterRejected(message)
 
 
-def _same_model(declared: str, names: tuple[str, ...]) -> bool:
+def same_model(declared: str, names: tuple[str, ...]) -> bool:
     """Hub ids and local copies of them name the same model when their last components agree."""
 
     def norm(text: str) -> str:

@@ -13,15 +13,19 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from engines.adapters import same_model
 from engines.catalog import Catalog
 from engines.errors import ContextLengthExceeded, EngineError, InvalidGenerationRequest
 from engines.generation import ChatMessage, GenerationEvent, GenerationRequest
+from engines.hub import CachedAdapter, cached_adapters
 from engines.names import ModelName
 from engines.pool import Lease, ModelPool
 from engines.prompts import encode_text, render_chat
 from engines.sampling import SamplingParams
 from engines.scheduler import Scheduler
 from engines.sequence import Sequence
+
+CACHE_SCAN_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class ModelInfo:
     loaded: bool = False
     dtype: str | None = None
     context_length: int | None = None
+    cached: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class EngineLimits:
     max_waiting: int = 64
     prefill_chunk: int = 512
     prefix_cache_bytes: int = 256 * 2**20
+    threads: int = 0
 
 
 class Engine:
@@ -65,12 +71,14 @@ class Engine:
 
     def __init__(self, catalog: Catalog, limits: EngineLimits = EngineLimits()) -> None:
         self.created = int(time.time())
+        self._cached_scan: tuple[float, list[CachedAdapter]] | None = None
         self.pool = ModelPool(catalog, max_bytes=limits.max_memory_bytes, max_models=limits.max_models)
         self.scheduler = Scheduler(
             max_active=limits.max_batch,
             max_waiting=limits.max_waiting,
             prefill_chunk=limits.prefill_chunk,
             prefix_cache_bytes=limits.prefix_cache_bytes,
+            threads=limits.threads,
         )
         self.reporters: list[Callable[[GenerationReport], None]] = []
 
@@ -118,6 +126,7 @@ class Engine:
                     dtype=variant.loaded.dtype if variant else None,
                 )
             )
+        rows.extend(self._cached_rows({row.id for row in rows} | {e.loaded.name for e in loaded.values()}))
         for entry in loaded.values():
             if entry.base_key is None or entry.key in listed:
                 continue
@@ -133,6 +142,33 @@ class Engine:
                     context_length=entry.loaded.context_length,
                 )
             )
+        return rows
+
+    def _cached_rows(self, taken: set[str]) -> list[ModelInfo]:
+        """Hub adapters already in the local HF cache, under each base they declare (usable offline)."""
+        now = time.monotonic()
+        if self._cached_scan is None or now - self._cached_scan[0] > CACHE_SCAN_SECONDS:
+            self._cached_scan = (now, cached_adapters())
+        rows = []
+        for adapter in self._cached_scan[1]:
+            for base in self.catalog.bases:
+                model_id = f"{base.name}+{adapter.repo_id}"
+                if (
+                    model_id in taken
+                    or not adapter.base_model
+                    or not same_model(adapter.base_model, base.known_names())
+                ):
+                    continue
+                rows.append(
+                    ModelInfo(
+                        id=model_id,
+                        created=int(adapter.folder.stat().st_mtime),
+                        owned_by="peft-gateway",
+                        parent=base.name,
+                        root=adapter.repo_id,
+                        cached=True,
+                    )
+                )
         return rows
 
     def close(self) -> None:

@@ -28,10 +28,12 @@ it completes, lands in the cache for the next attempt).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -239,3 +241,36 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
         if isinstance(cls, type) and issubclass(cls, BaseException):
             classes.append(cls)
     return tuple(classes)
+
+
+@dataclass(frozen=True)
+class CachedAdapter:
+    """A LoRA adapter already in the local HF cache, usable offline."""
+
+    repo_id: str
+    folder: Path
+    base_model: str | None
+
+
+def cached_adapters(cache_dir: str | Path | None = None) -> list[CachedAdapter]:
+    """Adapters found in the HF cache (one entry per repo: its newest snapshot), without any network."""
+    from huggingface_hub import constants
+
+    root = Path(cache_dir or constants.HF_HUB_CACHE)
+    found: dict[str, CachedAdapter] = {}
+    for config in sorted(
+        root.glob("models--*/snapshots/*/adapter_config.json"), key=lambda p: p.stat().st_mtime
+    ):
+        repo_folder = config.parents[2].name  # models--org--name
+        repo_id = repo_folder.removeprefix("models--").replace("--", "/", 1)
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if not isinstance(data, dict) or str(data.get("peft_type", "")).upper() != "LORA":
+            continue
+        base = data.get("base_model_name_or_path")
+        found[repo_id] = CachedAdapter(
+            repo_id=repo_id, folder=config.parent, base_model=str(base) if base else None
+        )
+    return list(found.values())

@@ -107,7 +107,9 @@ class Scheduler:
         max_waiting: int = 64,
         prefill_chunk: int = 512,
         prefix_cache_bytes: int = 256 * 2**20,
+        threads: int = 0,
     ) -> None:
+        self.threads = threads
         self.max_active = max_active
         self.prefix_cache_bytes = prefix_cache_bytes
         self.max_waiting = max_waiting
@@ -162,6 +164,8 @@ class Scheduler:
     def _run(self) -> None:
         import torch
 
+        if self.threads > 0:
+            torch.set_num_threads(self.threads)
         with torch.inference_mode():
             while True:
                 with self._cond:

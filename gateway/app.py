@@ -44,7 +44,9 @@ async def ready(request: Request) -> Response:
         "cache_writable": hf_cache_writable(),
     }
     status = 200 if all(checks.values()) else 503
-    return JSONResponse({"status": "ready" if status == 200 else "not_ready", "checks": checks}, status_code=status)
+    return JSONResponse(
+        {"status": "ready" if status == 200 else "not_ready", "checks": checks}, status_code=status
+    )
 
 
 def hf_cache_writable() -> bool:
@@ -67,6 +69,7 @@ def engine_limits(settings: Settings) -> EngineLimits:
         max_waiting=settings.engine.max_waiting,
         prefill_chunk=settings.engine.prefill_chunk,
         prefix_cache_bytes=int(settings.engine.prefix_cache),
+        threads=settings.engine.threads,
     )
 
 

@@ -20,6 +20,7 @@ def model_card(info: ModelInfo) -> dict[str, Any]:
         "parent": info.parent,
         "root": info.root,
         "loaded": info.loaded,
+        "cached": info.cached or info.loaded,
         "dtype": info.dtype,
         "max_model_len": info.context_length,
     }

@@ -70,6 +70,7 @@ class EngineSettings(_Strict):
     max_waiting: int = Field(default=64, ge=0)
     prefill_chunk: int = Field(default=512, ge=16)
     prefix_cache: ByteSize = Field(default=ByteSize(256 * 2**20))
+    threads: int = Field(default=0, ge=0, le=1024)
 
 
 class Settings(BaseSettings):

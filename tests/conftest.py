@@ -45,6 +45,16 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     return TinyModels(base=base, adapter=adapter, adapter_dirs=adapters, mismatched_adapter=mismatched)
 
 
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in demo models, trained once per test session."""
+    from engines.demo import ensure_demo_models
+
+    root = tmp_path_factory.mktemp("demo")
+    ensure_demo_models(root)
+    return root
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

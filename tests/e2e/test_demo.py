@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -18,8 +19,8 @@ QUESTION = "世界上最大的动物是什么？"
 
 
 @pytest.fixture(scope="module")
-def demo_server(start_server: Any, tmp_path_factory: pytest.TempPathFactory) -> RunningServer:
-    settings = with_demo(Settings(), tmp_path_factory.mktemp("demo"))
+def demo_server(start_server: Any, demo_dir: Path) -> RunningServer:
+    settings = with_demo(Settings(), demo_dir)
     server: RunningServer = start_server(settings)
     return server
 

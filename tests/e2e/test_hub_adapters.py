@@ -113,8 +113,13 @@ def test_offline_serves_from_cache_and_says_when_it_cannot(
 ) -> None:
     from huggingface_hub import constants
 
+    import engines.engine
+
     assert chat(gateway, f"tiny+{REPO}").status_code == 200  # populates the cache
     unload(gateway, f"tiny+{REPO}")
+    monkeypatch.setattr(engines.engine, "CACHE_SCAN_SECONDS", 0.0)
+    listed = {m["id"]: m for m in httpx.get(f"{gateway.v1}/models", timeout=10).json()["data"]}
+    assert listed[f"tiny+{REPO}"]["cached"] is True and listed[f"tiny+{REPO}"]["loaded"] is False
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     hub.fail(REPO, "error")  # the Hub would fail; offline mode never asks it
     assert chat(gateway, f"tiny+{REPO}").status_code == 200
