@@ -111,6 +111,59 @@ def prefix_rows(base: Path, dtype: str, prefix_tokens: int = 500) -> list[dict[s
     return rows
 
 
+def stall_rows(base: Path, dtype: str, long_prompt_tokens: int = 1500) -> list[dict[str, Any]]:
+    """Worst inter-token gap of 4 running streams when a long prompt arrives: chunked vs whole prefill."""
+    from engines.catalog import BaseSpec, Catalog
+    from engines.engine import Engine, EngineLimits
+    from engines.generation import ChatMessage
+    from engines.sampling import SamplingParams
+
+    rows = []
+    for chunk in (4096, 256):
+        catalog = Catalog(bases=(BaseSpec(name="smol", source=str(base), dtype=dtype, context_length=2048),))
+        engine = Engine(catalog, EngineLimits(prefill_chunk=chunk, prefix_cache_bytes=0))
+        try:
+
+            async def run(engine: Engine) -> float:
+                async def stream(prompt: str, tokens: int, gaps: list[float] | None) -> None:
+                    lease = await engine.acquire("smol")
+                    try:
+                        request = engine.chat_request(
+                            lease,
+                            [ChatMessage(role="user", content=prompt)],
+                            max_tokens=tokens,
+                            sampling=SamplingParams(temperature=0),
+                            ignore_eos=True,
+                        )
+                        last = None
+                        async for _event in engine.generate(lease, request):
+                            now = time.perf_counter()
+                            if gaps is not None and last is not None:
+                                gaps.append(now - last)
+                            last = now
+                    finally:
+                        lease.release()
+
+                await stream(PROMPT, 2, None)  # load + warm-up
+                gaps: list[float] = []
+                running = [asyncio.create_task(stream(PROMPT, 48, gaps)) for _ in range(4)]
+                await asyncio.sleep(1.0)
+                await stream("x" * long_prompt_tokens, 1, None)
+                await asyncio.gather(*running)
+                return max(gaps)
+
+            worst = asyncio.run(run(engine))
+        finally:
+            engine.close()
+        rows.append(
+            {
+                "name": f"engine {dtype} worst gap of 4 streams, {long_prompt_tokens}-token prompt arrives, prefill_chunk {chunk}",
+                "ttft_ms": worst * 1000,
+            }
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -132,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += engine_rows(base, dtype, new_tokens, [1, 8])
     for dtype in args.dtypes.split(","):
         rows += prefix_rows(base, dtype)
-    print(f"\n{'scenario':58} {'tok/s':>8} {'vs raw fp32':>11} {'TTFT ms':>8}")
+    rows += stall_rows(base, args.dtypes.split(",")[0])
+    print(f"\n{'scenario':58} {'tok/s':>8} {'vs raw fp32':>11} {'TTFT/gap ms':>11}")
     for row in rows:
         tps = row.get("tokens_per_second")
         clients = 8 if ("8 client" in row["name"] or "batch 8" in row["name"]) else 1

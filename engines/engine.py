@@ -48,6 +48,7 @@ class GenerationReport:
     """What one finished (or abandoned) sequence cost: the gateway turns these into metrics."""
 
     model: str
+    request_id: str
     prompt_tokens: int
     completion_tokens: int
     time_to_first_token: float | None
@@ -230,6 +231,13 @@ class Engine:
         param: str,
     ) -> GenerationRequest:
         context = lease.loaded.context_length
+        vocab = len(lease.loaded.tokenizer)
+        outside = [token for token in sampling.logit_bias if not 0 <= token < vocab]
+        if outside:
+            raise InvalidGenerationRequest(
+                f"logit_bias names token ids outside this model's vocabulary [0, {vocab}): {outside[:5]}",
+                param="logit_bias",
+            )
         if not prompt:
             raise InvalidGenerationRequest("The prompt is empty.", param=param)
         room = context - len(prompt)
@@ -275,6 +283,7 @@ class Engine:
             sequence.cancel()
             report = GenerationReport(
                 model=lease.model_id,
+                request_id=request.request_id,
                 prompt_tokens=len(request.prompt_ids),
                 completion_tokens=last.completion_tokens if last else 0,
                 time_to_first_token=first,

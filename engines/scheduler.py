@@ -202,9 +202,13 @@ class Scheduler:
                 continue
             if sequence.logits is not None:  # prompt done: first token, then join the batch
                 self._prefilling.popleft()
-                sequence.step()
-                if not sequence.finished:
-                    self._join(sequence)
+                try:
+                    sequence.step()
+                    if not sequence.finished:
+                        self._join(sequence)
+                except Exception as exc:  # one request's failure must never end the engine thread
+                    log.exception("first step failed for %s", sequence.request.request_id)
+                    sequence.fail(exc)
 
     def _prefill_chunk(self, sequence: Sequence, budget: int) -> int:
         import torch

@@ -118,7 +118,8 @@ def from_validation(error: ValidationError) -> APIError:
     param = param_from_loc(tuple(first["loc"]))
     message = first["msg"]
     if first["type"] == "extra_forbidden":
-        message = f"Unrecognized request argument supplied: {param}"
+        name = param if param else repr(str(first["loc"][-1]) if first["loc"] else "")
+        message = f"Unrecognized request argument supplied: {name}"
     elif first["type"] == "missing":
         message = f"Missing required parameter: '{param}'."
     elif param:

@@ -113,6 +113,8 @@ class GatewayMetrics:
         )
         self._engine: Engine | None = None
         self.registry.register(_EngineCollector(lambda: self._engine))
+        # Token counts per request id until the access log line is written (popped there).
+        self._usage: dict[str, tuple[str, int, int]] = {}
 
     def attach(self, engine: Engine) -> None:
         self._engine = engine
@@ -128,6 +130,13 @@ class GatewayMetrics:
         self.request_seconds.labels(known).observe(seconds)
 
     def record_generation(self, report: GenerationReport) -> None:
+        if report.request_id:
+            _model, prompt, completion = self._usage.get(report.request_id, (report.model, 0, 0))
+            self._usage[report.request_id] = (
+                report.model,
+                max(prompt, report.prompt_tokens),
+                completion + report.completion_tokens,
+            )
         self.tokens.labels(report.model, "prompt").inc(report.prompt_tokens)
         self.tokens.labels(report.model, "completion").inc(report.completion_tokens)
         self.finished.labels(report.model, report.finish_reason or "cancelled").inc()
@@ -138,6 +147,10 @@ class GatewayMetrics:
                 self.tokens_per_second.labels(report.model).observe(
                     (report.completion_tokens - 1) / decode_seconds
                 )
+
+    def pop_usage(self, request_id: str) -> tuple[str, int, int] | None:
+        """(model, prompt tokens, completion tokens) of a finished request, for its access log line."""
+        return self._usage.pop(request_id, None)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

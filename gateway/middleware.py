@@ -58,8 +58,12 @@ class RequestContext:
             await self.app(scope, receive, send_with_id)
         finally:
             seconds = time.perf_counter() - started
-            self._log(scope, status, seconds, request_id)
             metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
+            usage = metrics.pop_usage(request_id) if metrics is not None else None
+            if usage is not None:
+                state = scope["state"]
+                state["model"], state["prompt_tokens"], state["completion_tokens"] = usage
+            self._log(scope, status, seconds, request_id)
             if metrics is not None:
                 metrics.record_request(scope.get("path", ""), status, seconds)
 

@@ -105,7 +105,9 @@ def test_nbytes_counts_every_parameter_once(base32: LoadedModel) -> None:
     assert base32.nbytes == params + buffers
 
 
-def test_auto_dtype_follows_native_bf16_support(tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_dtype_follows_native_bf16_support(
+    tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from engines import devices
 
     monkeypatch.setattr(devices, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))

@@ -141,3 +141,31 @@ def test_prefix_reuse_never_changes_an_answer_and_is_per_model(engine: Engine) -
         assert base.prefix_cache.reused_tokens >= len(system) - 1
 
     asyncio.run(scenario())
+
+
+def test_a_failing_first_step_ends_one_request_not_the_engine(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engines.sampling import Sampler
+
+    original = Sampler.choose
+    calls = {"n": 0}
+
+    def explode_once(self: Sampler, logits: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("sampler broke")
+        return original(self, logits)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Sampler, "choose", explode_once)
+
+    async def scenario() -> None:
+        lease = await engine.acquire("tiny")
+        request = engine.text_request(lease, "boom", max_tokens=4, sampling=GREEDY)
+        events = [event async for event in engine.generate(lease, request)]
+        lease.release()
+        assert events[-1].error is not None and "sampler broke" in events[-1].error.message
+        assert await generate(engine, "tiny", "still alive", n=4)
+        assert engine.scheduler.alive
+
+    asyncio.run(scenario())

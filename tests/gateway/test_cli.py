@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -140,8 +141,39 @@ def test_serve_starts_from_a_config_file_and_bad_config_fails_fast(
             pytest.fail("serve did not come up")
         ids = [m["id"] for m in httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()["data"]]
         assert ids == ["tiny"]
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        assert (
+            httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat, timeout=60).status_code
+            == 200
+        )
     finally:
         process.terminate()
         _out, err = process.communicate(timeout=30)
     access = [line for line in err.splitlines() if '"path": "/v1/models"' in line]
     assert access and '"request_id"' in access[0] and '"status": 200' in access[0]
+    chat_line = json.loads(
+        next(line for line in err.splitlines() if '"path": "/v1/chat/completions"' in line)
+    )
+    assert (
+        chat_line["model"] == "tiny"
+        and chat_line["prompt_tokens"] > 0
+        and 0 < chat_line["completion_tokens"] <= 3
+    )
+    assert chat_line["latency_ms"] > 0 and chat_line["method"] == "POST"
+
+
+def test_pull_downloads_an_adapter_into_the_hf_cache(tmp_path: Path, tiny_models: TinyModels) -> None:
+    from tests.hub_server import HubServer
+
+    config = tmp_path / "pull.toml"
+    config.write_text(f'[models.tiny]\nsource = "{tiny_models.base}"\naliases = ["test-org/tiny-base"]\n')
+    hf_home = tmp_path / "hf"
+    env = {"HF_ENDPOINT": "", "HF_HUB_OFFLINE": "0", "HF_HOME": str(hf_home), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    with HubServer() as hub:
+        hub.add_repo("test-org/tiny-lora", tiny_models.adapter)
+        env["HF_ENDPOINT"] = hub.url
+        result = cli("pull", "tiny", "--peft-model-id", "test-org/tiny-lora", "--config", str(config), env=env)
+        assert result.returncode == 0, result.stderr
+        assert list((hf_home / "hub").glob("models--test-org--tiny-lora/snapshots/*/adapter_model.safetensors"))
+        missing = cli("pull", "tiny+test-org/nope", "--config", str(config), "--adapter-only", env=env)
+        assert missing.returncode == 1 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
