@@ -63,7 +63,7 @@ def raw_generate(base: Path, dtype: str, batch: int, new_tokens: int, repeats: i
         model.generate(**ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
         for _ in range(repeats):
             started = time.perf_counter()
-            model(input_ids=ids["input_ids"][:1])
+            model(input_ids=ids["input_ids"][:1], logits_to_keep=1)  # what generate's prefill computes
             prefill = min(prefill, time.perf_counter() - started)
             started = time.perf_counter()
             model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -137,6 +137,15 @@ class Gateway:
 
         assert self.process is not None
         return float(psutil.Process(self.process.pid).memory_info().rss / 2**20)
+
+    def pool_mib(self) -> float:
+        """Weights the gateway's pool holds, from /metrics (peft_gateway_cache_bytes)."""
+        import httpx
+
+        for line in httpx.get(f"{self.url}/metrics", timeout=10).text.splitlines():
+            if line.startswith("peft_gateway_cache_bytes "):
+                return float(line.split()[1]) / 2**20
+        return float("nan")
 
     def preload(self, model: str) -> float:
         import httpx
@@ -236,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-adapters", action="store_true")
     parser.add_argument("--adapter-mode", default="multi", help="adapter_mode for the adapter scenarios")
     parser.add_argument("--threads", type=int, default=0, help="[engine] threads (0: torch default)")
+    parser.add_argument("--no-prefix-cache", action="store_true", help="measure cold prefill (prefix_cache = 0)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving.json")
     args = parser.parse_args(argv)
     new_tokens = 32 if args.quick else 64
@@ -252,13 +262,14 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_tokens": raw1.extra["prompt_tokens"],
     }
 
-    engine_toml = f"threads = {args.threads}"
+    engine_toml = f"threads = {args.threads}" + ("\nprefix_cache = 0" if args.no_prefix_cache else "")
     with Gateway(
         base, adapter_root, dtype=args.dtype, extra_toml=engine_toml, adapter_mode=args.adapter_mode
     ) as gateway:
         gateway.preload("smol")
         stream_one(gateway.url, "smol", 4)  # warm-up
         summary["rss_base_mib"] = gateway.rss_mib()
+        summary["pool_base_mib"] = gateway.pool_mib()
         for level in levels:
             rows.append(
                 load_test(
@@ -273,8 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_adapters:
             for count in [int(x) for x in args.adapters.split(",")]:
                 names = [f"smol+lora-{i:02d}" for i in range(count)]
+                rss_before = gateway.rss_mib()
                 load_seconds = [gateway.preload(name) for name in names]
-                summary[f"rss_{count}_adapters_mib"] = gateway.rss_mib()
+                summary[f"rss_growth_{count}_adapters_mib"] = gateway.rss_mib() - rss_before
+                summary[f"pool_bytes_{count}_adapters_mib"] = gateway.pool_mib()
                 summary[f"adapter_load_s_{count}"] = statistics.median(load_seconds)
                 rows.append(
                     load_test(
@@ -315,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"8 adapters at once vs one after another: {summary['adapters_8_concurrent_vs_serial']:.2f}x (target >= 3x)"
         )
-    print("memory:", {k: round(v, 1) for k, v in summary.items() if k.startswith("rss")})
+    print("memory (MiB):", {k: round(v, 1) for k, v in summary.items() if k.startswith(("rss", "pool"))})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps({"rows": [asdict(r) for r in rows], "summary": summary, "pid": os.getpid()}, indent=2)

@@ -345,3 +345,47 @@ def adapter_tokenizer(folder: Path, base_tokenizer: Any) -> Any:
             f"{len(base_tokenizer)}; adapters that resize the vocabulary are not supported."
         )
     return tokenizer
+
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+def estimate_base_bytes(spec: BaseSpec) -> int:
+    """Bytes a base will take once loaded, from its weight files (0 when not on disk yet).
+
+    Used to make room, or refuse with 503, before loading instead of after: a model that cannot fit must
+    not be read into memory first.
+    """
+    import json
+
+    folder = Path(spec.source).expanduser()
+    if not folder.is_dir():
+        return 0
+    files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
+    size = sum(path.stat().st_size for path in files)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        stored = _DTYPE_BYTES.get(str(config.get("torch_dtype") or config.get("dtype") or "float32"), 4)
+    except (OSError, ValueError):
+        stored = 4
+    target = _DTYPE_BYTES.get(dtype_name(resolve_dtype(spec)), 4)
+    return size * target // stored
+
+
+def estimate_variant_bytes(files: AdapterFiles, base: LoadedModel, *, unmerged: bool) -> int:
+    """Bytes a variant adds: its own LoRA weights when unmerged, else a copy of every targeted weight."""
+    if unmerged:
+        return files.weights_file.stat().st_size
+    targets = files.target_modules
+    total = 0
+    for name, module in base.model.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is None or not hasattr(weight, "element_size"):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        hit = (
+            re.fullmatch(targets, name) if isinstance(targets, str) else (leaf in targets or name in targets)
+        )
+        if hit:
+            total += weight.numel() * weight.element_size()
+    return total

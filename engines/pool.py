@@ -23,7 +23,15 @@ from engines.adapters import (
 )
 from engines.catalog import BaseSpec, Catalog
 from engines.errors import AdapterRejected, Overloaded
-from engines.loader import LoadedModel, adapter_tokenizer, build_variant, check_adapter_fits, load_base
+from engines.loader import (
+    LoadedModel,
+    adapter_tokenizer,
+    build_variant,
+    check_adapter_fits,
+    estimate_base_bytes,
+    estimate_variant_bytes,
+    load_base,
+)
 from engines.multilora import load_lora_weights, multilora_for, unsupported_reason
 from engines.names import ModelName
 
@@ -153,7 +161,7 @@ class ModelPool:
         """Load what ``name`` needs (once, however many ask at the same time) and hold it."""
         spec = self.catalog.base(name.base)
         if name.adapter is None:
-            entry = await self._get(spec.name, lambda: asyncio.to_thread(self._base_loader, spec))
+            entry = await self._get_base(spec)
             return self._lease(entry, spec.name)
         if spec.quantization != "none":
             raise AdapterRejected(
@@ -171,7 +179,7 @@ class ModelPool:
         if variant_key in self._entries:
             entry = self._entries[variant_key]
         else:
-            base = await self._get(spec.name, lambda: asyncio.to_thread(self._base_loader, spec))
+            base = await self._get_base(spec)
             base.dependents += 1  # pin the base while its variant is being built
             try:
                 entry = await self._get(
@@ -184,6 +192,42 @@ class ModelPool:
         if spec.adapter_mode == "auto" and entry.loaded.multilora is not None:
             self._count_for_promotion(spec, ref, model_id, variant_key)
         return self._lease(entry, model_id)
+
+    async def _get_base(self, spec: BaseSpec) -> PoolEntry:
+        async def load() -> LoadedModel:
+            self.make_room(spec.name, await asyncio.to_thread(estimate_base_bytes, spec))
+            return await asyncio.to_thread(self._base_loader, spec)
+
+        return await self._get(spec.name, load)
+
+    def make_room(self, key: str, estimate: int) -> None:
+        """Before loading ``key``: evict idle entries until it fits the budget, or refuse with 503 now."""
+
+        def too_full() -> bool:
+            if self.max_models is not None and len(self._entries) + 1 > self.max_models:
+                return True
+            return self.max_bytes is not None and self.bytes_held + estimate > self.max_bytes
+
+        if self.max_bytes is not None and estimate > self.max_bytes:
+            raise Overloaded(
+                f"'{key}' needs about {estimate / 2**20:.0f} MiB, more than the whole model cache "
+                f"([cache] max_memory = {self.max_bytes / 2**20:.0f} MiB).",
+                retry_after=60,
+            )
+        while too_full():
+            idle = [entry for entry in self._entries.values() if entry.idle]
+            if not idle:
+                raise Overloaded(
+                    f"Not enough room in the model cache for '{key}' (about {estimate / 2**20:.1f} MiB) while "
+                    "other models are in use; retry later or raise [cache] max_memory / max_models.",
+                    retry_after=5,
+                )
+            victim = min(idle, key=lambda entry: entry.last_used)
+            self._drop(victim)
+            PoolStats.bump(self.stats.evictions, victim.key)
+            log.info(
+                "evicted %s (%.1f MiB) to make room for %s", victim.key, victim.loaded.nbytes / 2**20, key
+            )
 
     def _count_for_promotion(self, spec: BaseSpec, ref: AdapterRef, model_id: str, variant_key: str) -> None:
         """In ``auto`` mode, a busy adapter gets a merged variant (no per-token LoRA cost) in the background."""
@@ -231,21 +275,26 @@ class ModelPool:
     ) -> LoadedModel:
         policy = self.catalog.policy
 
-        def work() -> LoadedModel:
+        def check() -> tuple[AdapterFiles, bool]:
             folder = fetch_adapter(ref)
             files = read_adapter_files(ref, folder, policy)
             check_base_match(files, spec, policy)
             check_adapter_fits(files, base.loaded)
+            unmerged = False
             if multi:
                 reason = unsupported_reason(files.config) or (
                     None if files.weights_file.suffix == ".safetensors" else "pickle weights"
                 )
-                if reason is None:
-                    return attach_unmerged(base.loaded, files, model_id)
-                log.info("adapter %s uses %s: serving it merged instead of unmerged", model_id, reason)
-            return build_variant(base.loaded, files, model_id)
+                unmerged = reason is None
+                if reason is not None:
+                    log.info("adapter %s uses %s: serving it merged instead of unmerged", model_id, reason)
+            return files, unmerged
 
-        return await asyncio.to_thread(work)
+        files, unmerged = await asyncio.to_thread(check)
+        self.make_room(model_id, estimate_variant_bytes(files, base.loaded, unmerged=unmerged))
+        if unmerged:
+            return await asyncio.to_thread(attach_unmerged, base.loaded, files, model_id)
+        return await asyncio.to_thread(build_variant, base.loaded, files, model_id)
 
     def _lease(self, entry: PoolEntry, model_id: str) -> Lease:
         entry.users += 1

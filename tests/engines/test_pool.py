@@ -157,3 +157,28 @@ def test_eviction_under_a_small_budget_keeps_in_flight_requests_correct(tiny_mod
         assert len(tight.pool.entries()) <= 2
     finally:
         tight.close()
+
+
+def test_model_larger_than_the_budget_is_refused_before_loading(tiny_models: TinyModels) -> None:
+    calls, loader = counting_loader()
+    pool = ModelPool(catalog(tiny_models), max_bytes=1024, base_loader=loader)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        with pytest.raises(Overloaded, match="more than the whole model cache"):
+            await pool.acquire(ModelName.parse("tiny"))
+
+    asyncio.run(scenario())
+    assert calls == [] and pool.entries() == []
+
+
+def test_variant_estimate_matches_what_the_merge_allocates(tiny_models: TinyModels) -> None:
+    from engines.adapters import AdapterRef, read_adapter_files
+    from engines.loader import build_variant, estimate_base_bytes, estimate_variant_bytes
+
+    spec = catalog(tiny_models).bases[0]
+    base = load_base(spec)
+    assert estimate_base_bytes(spec) >= base.nbytes * 0.9
+    files = read_adapter_files(
+        AdapterRef(kind="local", source=str(tiny_models.adapter)), tiny_models.adapter, AdapterPolicy()
+    )
+    assert estimate_variant_bytes(files, base, unmerged=False) == build_variant(base, files, "v").nbytes
