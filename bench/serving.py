@@ -245,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-adapters", action="store_true")
     parser.add_argument("--adapter-mode", default="multi", help="adapter_mode for the adapter scenarios")
     parser.add_argument("--threads", type=int, default=0, help="[engine] threads (0: torch default)")
-    parser.add_argument("--no-prefix-cache", action="store_true", help="measure cold prefill (prefix_cache = 0)")
+    parser.add_argument(
+        "--no-prefix-cache", action="store_true", help="measure cold prefill (prefix_cache = 0)"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving.json")
     args = parser.parse_args(argv)
     new_tokens = 32 if args.quick else 64

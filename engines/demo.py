@@ -67,7 +67,7 @@ DEMO_FALLBACK: tuple[str, str] = (
 
 # Bump whenever the code below changes what gets built, so that an old build on disk is not reused (changes
 # to the data and settings below are caught by the recipe in the marker file anyway).
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 
 # Chat clients often send a system message, the bare API often does not: train with none and with a few,
 # so that the answers do not hinge on one exact system prompt.
@@ -240,6 +240,9 @@ def _build(folder: Path, log: Log) -> None:
         model, list(model.parameters()), _chats(tokenizer, english=True), _BASE_LR, _texts(tokenizer)
     )
     _verify(model, tokenizer, english=True)
+    # The demo is trained for greedy decoding: its generation_config says so, and the gateway takes a
+    # model's generation_config as the default for sampling parameters a request leaves out.
+    model.generation_config.do_sample = False
     model.save_pretrained(models.base_dir, safe_serialization=True)
     tokenizer.save_pretrained(models.base_dir)
     log(f"trained demo base model in {time.perf_counter() - t0:.1f}s ({steps} steps)")

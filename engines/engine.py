@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from engines.adapters import same_model
@@ -257,7 +257,9 @@ class Engine:
             request_id=request_id,
         )
 
-    async def generate(self, lease: Lease, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(
+        self, lease: Lease, request: GenerationRequest
+    ) -> AsyncGenerator[GenerationEvent, None]:
         """Stream events for ``request``; closing the iterator early cancels the generation."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()

@@ -12,9 +12,9 @@ import copy
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from engines import hub
 from engines.adapters import AdapterFiles
@@ -42,6 +42,8 @@ class LoadedModel:
     root: str | None = None
     #: KV of recently prefilled prompts, owned by the engine thread (see ``engines.prefix_cache``).
     prefix_cache: Any = None
+    #: Sampling defaults from the model's own generation_config.json, for fields a request leaves out.
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
     #: Unmerged multi-adapter serving: the base's registry and this model's slot in it (0: no adapter).
     multilora: Any = None
     adapter_slot: int = 0
@@ -97,7 +99,7 @@ def load_base(spec: BaseSpec) -> LoadedModel:
         # SafetensorError (a corrupt or truncated .safetensors file) derives from none of the others.
         raise ModelLoadFailed(f"Could not load base model '{spec.name}' from '{folder}': {exc}") from exc
     if spec.quantization == "none":
-        model.to(spec.device)
+        model = cast(Any, model).to(spec.device)
     model.eval()
     model.requires_grad_(False)
     context = spec.context_length or int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
@@ -112,6 +114,7 @@ def load_base(spec: BaseSpec) -> LoadedModel:
         nbytes=tensor_bytes(model),
         load_seconds=time.perf_counter() - started,
         root=spec.source,
+        sampling_defaults=read_sampling_defaults(folder),
     )
     log.info(
         "loaded base %s (%s, %s, %.1f MiB) in %.2fs",
@@ -122,6 +125,30 @@ def load_base(spec: BaseSpec) -> LoadedModel:
         loaded.load_seconds,
     )
     return loaded
+
+
+def read_sampling_defaults(folder: Path) -> dict[str, float]:
+    """The sampling fields a model's authors set explicitly in generation_config.json (as vLLM does).
+
+    Only explicit keys count: transformers' own defaults (``do_sample=False``) would otherwise make every
+    model greedy, unlike OpenAI's temperature 1. ``do_sample: false`` means temperature 0.
+    """
+    import json
+
+    try:
+        config = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    defaults: dict[str, float] = {}
+    for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
+        value = config.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            defaults[key] = float(value)
+    if config.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults
 
 
 def _quantization_config(spec: BaseSpec) -> Any:
@@ -243,7 +270,7 @@ def build_variant(base: LoadedModel, files: AdapterFiles, name: str) -> LoadedMo
         replaced: list[Any] = []
         for module in peft_model.modules():
             if isinstance(module, LoraLayer):
-                layer = module.get_base_layer()
+                layer: Any = module.get_base_layer()
                 # Give the targeted layer its own fp32 copy, so the in-place merge neither touches the
                 # shared base tensor nor loses precision to bf16 rounding of the delta.
                 layer.weight = torch.nn.Parameter(
@@ -271,6 +298,7 @@ def build_variant(base: LoadedModel, files: AdapterFiles, name: str) -> LoadedMo
         device=base.device,
         context_length=base.context_length,
         eos_token_ids=base.eos_token_ids,
+        sampling_defaults=base.sampling_defaults,
         nbytes=tensor_bytes(merged, exclude=storage_pointers(base.model)),
         load_seconds=time.perf_counter() - started,
         parent=base.name,

@@ -63,6 +63,7 @@ def attach_unmerged(base: LoadedModel, files: AdapterFiles, model_id: str) -> Lo
         device=base.device,
         context_length=base.context_length,
         eos_token_ids=base.eos_token_ids,
+        sampling_defaults=base.sampling_defaults,
         nbytes=weights.nbytes,
         load_seconds=time.perf_counter() - started,
         parent=base.name,

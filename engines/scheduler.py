@@ -36,11 +36,12 @@ log = logging.getLogger("peft_gateway.scheduler")
 
 def cache_kwarg(model: Any) -> str:
     """transformers renamed ``past_key_values`` to ``cache``; use whichever this version takes."""
-    return _cache_kwarg_for(type(model))
+    model_type: Any = type(model)
+    return _cache_kwarg_for(model_type)
 
 
 @functools.lru_cache(maxsize=64)
-def _cache_kwarg_for(model_type: type) -> str:
+def _cache_kwarg_for(model_type: Any) -> str:
     parameters = inspect.signature(model_type.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 

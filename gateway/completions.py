@@ -94,7 +94,11 @@ async def completions(request: Request) -> Response:
                     prompt,
                     max_tokens=body.max_tokens,
                     sampling=sampling_params(
-                        body, choice=choice, logprobs=want_logprobs, top_logprobs=body.logprobs or 0
+                        body,
+                        choice=choice,
+                        logprobs=want_logprobs,
+                        top_logprobs=body.logprobs or 0,
+                        defaults=lease.loaded.sampling_defaults,
                     ),
                     stop=body.stop_list(),
                     request_id=getattr(request.state, "request_id", ""),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -36,18 +37,28 @@ def cap_tokens(request: GenerationRequest, limit: int) -> GenerationRequest:
 
 
 def sampling_params(
-    body: SamplingFields, *, choice: int, logprobs: bool, top_logprobs: int
+    body: SamplingFields,
+    *,
+    choice: int,
+    logprobs: bool,
+    top_logprobs: int,
+    defaults: Mapping[str, float] | None = None,
 ) -> SamplingParams:
-    """Engine sampling parameters for choice ``choice`` (its seed offset so choices differ)."""
+    """Engine sampling parameters for choice ``choice`` (its seed offset so choices differ).
+
+    Fields the request leaves out come from the model's generation_config (``defaults``), then from
+    OpenAI's defaults: a model published for greedy decoding stays greedy unless the client asks.
+    """
+    defaults = defaults or {}
     seed = None if body.seed is None else (body.seed + choice) % 2**63
     return SamplingParams(
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=max(body.top_k or 0, 0),
+        temperature=body.temperature if body.temperature is not None else defaults.get("temperature", 1.0),
+        top_p=body.top_p if body.top_p is not None else defaults.get("top_p", 1.0),
+        top_k=max(body.top_k if body.top_k is not None else int(defaults.get("top_k", 0)), 0),
         seed=seed,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
-        repetition_penalty=body.repetition_penalty or 1.0,
+        repetition_penalty=body.repetition_penalty or defaults.get("repetition_penalty", 1.0),
         logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
         logprobs=logprobs,
         top_logprobs=top_logprobs,

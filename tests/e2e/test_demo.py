@@ -56,3 +56,23 @@ def test_streamed_chinese_never_contains_replacement_characters(demo_server: Run
         ask(demo_server, "demo-zh", "What is the capital of France?", stream=True)
         == DEMO_QUESTIONS["What is the capital of France?"][1]
     )
+
+
+def test_demo_is_greedy_by_default_from_its_generation_config(demo_server: RunningServer) -> None:
+    import httpx
+
+    body = {"model": "demo+demo-zh", "messages": [{"role": "user", "content": QUESTION}]}  # no temperature
+    answers = {
+        httpx.post(f"{demo_server.v1}/chat/completions", json=body, timeout=60).json()["choices"][0][
+            "message"
+        ]["content"]
+        for _ in range(8)
+    }
+    assert answers == {DEMO_QUESTIONS[QUESTION][1]}
+    sampled = {
+        httpx.post(
+            f"{demo_server.v1}/chat/completions", json={**body, "temperature": 2.0, "seed": s}, timeout=60
+        ).json()["choices"][0]["message"]["content"]
+        for s in range(4)
+    }
+    assert len(sampled) > 1  # an explicit temperature still wins

@@ -407,3 +407,13 @@ def test_refused_variant_leaves_the_base_untouched(
         build_variant(base32, read(folder), "tiny+empty")
     for name, tensor in base32.model.state_dict().items():
         assert torch.equal(tensor, before[name]), name
+
+
+def test_sampling_defaults_come_only_from_explicit_generation_config_keys(tmp_path: Path) -> None:
+    from engines.loader import read_sampling_defaults
+
+    assert read_sampling_defaults(tmp_path) == {}
+    (tmp_path / "generation_config.json").write_text('{"do_sample": false, "top_p": 0.9, "eos_token_id": 2}')
+    assert read_sampling_defaults(tmp_path) == {"temperature": 0.0, "top_p": 0.9}
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.6, "top_k": 20, "do_sample": true}')
+    assert read_sampling_defaults(tmp_path) == {"temperature": 0.6, "top_k": 20.0}

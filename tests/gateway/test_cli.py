@@ -172,8 +172,16 @@ def test_pull_downloads_an_adapter_into_the_hf_cache(tmp_path: Path, tiny_models
     with HubServer() as hub:
         hub.add_repo("test-org/tiny-lora", tiny_models.adapter)
         env["HF_ENDPOINT"] = hub.url
-        result = cli("pull", "tiny", "--peft-model-id", "test-org/tiny-lora", "--config", str(config), env=env)
+        result = cli(
+            "pull", "tiny", "--peft-model-id", "test-org/tiny-lora", "--config", str(config), env=env
+        )
         assert result.returncode == 0, result.stderr
-        assert list((hf_home / "hub").glob("models--test-org--tiny-lora/snapshots/*/adapter_model.safetensors"))
+        assert list(
+            (hf_home / "hub").glob("models--test-org--tiny-lora/snapshots/*/adapter_model.safetensors")
+        )
         missing = cli("pull", "tiny+test-org/nope", "--config", str(config), "--adapter-only", env=env)
-        assert missing.returncode == 1 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+        assert (
+            missing.returncode == 1
+            and "does not exist" in missing.stderr
+            and "Traceback" not in missing.stderr
+        )
