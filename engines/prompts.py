@@ -57,8 +57,8 @@ def token_bytes(tokenizer: Any, token_id: int) -> tuple[str, tuple[int, ...]]:
     return raw.decode("utf-8", errors="replace"), tuple(raw)
 
 
-def _byte_decoder() -> dict[str, int]:
-    """The GPT-2 byte-to-unicode table, reversed: byte-level BPE symbols back to raw bytes."""
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: the printable symbol that stands for each byte in the vocabulary."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
     codes = list(printable)
     extra = 0
@@ -67,7 +67,8 @@ def _byte_decoder() -> dict[str, int]:
             printable.append(byte)
             codes.append(256 + extra)
             extra += 1
-    return {chr(code): byte for byte, code in zip(printable, codes, strict=True)}
+    return {byte: chr(code) for byte, code in zip(printable, codes, strict=True)}
 
 
-_BYTE_DECODER = _byte_decoder()
+#: Byte-level BPE symbols back to raw bytes.
+_BYTE_DECODER = {symbol: byte for byte, symbol in bytes_to_unicode().items()}

@@ -21,6 +21,7 @@ from gateway.requests import cap_tokens, check_choices, check_limits, parse_body
 from gateway.settings import Settings
 from gateway.streaming import (
     DONE,
+    envelope,
     event_stream,
     logprob_entries,
     run_choices,
@@ -168,17 +169,8 @@ async def _complete(
         }
         for i in range(len(requests))
     ]
-    return JSONResponse(
-        {
-            "id": completion_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": body.model,
-            "choices": choices,
-            "usage": usage_dict(prompt_tokens, sum(completion_tokens)),
-            "system_fingerprint": None,
-        }
-    )
+    usage = usage_dict(prompt_tokens, sum(completion_tokens))
+    return JSONResponse(envelope("chat.completion", completion_id, created, body.model, choices, usage=usage))
 
 
 async def _stream(
@@ -193,14 +185,7 @@ async def _stream(
     """SSE frames: role chunk per choice, content chunks, finish chunk, optional usage, ``[DONE]``."""
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        payload: dict[str, Any] = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "system_fingerprint": None,
-            "choices": choices,
-        }
+        payload = envelope("chat.completion.chunk", completion_id, created, model, choices)
         if include_usage:
             payload["usage"] = None
         payload.update(extra)

@@ -23,7 +23,7 @@ from gateway.errors import APIError, from_engine
 from gateway.protocol import CompletionRequest
 from gateway.requests import cap_tokens, check_choices, check_limits, parse_body, sampling_params
 from gateway.settings import Settings
-from gateway.streaming import DONE, event_stream, run_choices, sse_data, usage_dict
+from gateway.streaming import DONE, envelope, event_stream, run_choices, sse_data, usage_dict
 
 
 def _prompts(body: CompletionRequest) -> list[str | list[int]]:
@@ -175,17 +175,8 @@ async def _complete(
         }
         for i in range(len(requests))
     ]
-    return JSONResponse(
-        {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": body.model,
-            "choices": choices,
-            "usage": usage_dict(prompt_tokens, sum(completion_tokens)),
-            "system_fingerprint": None,
-        }
-    )
+    usage = usage_dict(prompt_tokens, sum(completion_tokens))
+    return JSONResponse(envelope("text_completion", completion_id, created, body.model, choices, usage=usage))
 
 
 async def _stream(
@@ -200,14 +191,7 @@ async def _stream(
     prompt_tokens: int,
 ) -> AsyncIterator[str]:
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        payload: dict[str, Any] = {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "system_fingerprint": None,
-            "choices": choices,
-        }
+        payload = envelope("text_completion", completion_id, created, model, choices)
         if include_usage:
             payload["usage"] = None
         payload.update(extra)

@@ -69,6 +69,21 @@ async def run_choices(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def envelope(
+    kind: str, completion_id: str, created: int, model: str, choices: list[dict[str, Any]], **extra: Any
+) -> dict[str, Any]:
+    """The fields every completion object and chunk shares, chat or text."""
+    return {
+        "id": completion_id,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": choices,
+        **extra,
+    }
+
+
 def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,

@@ -15,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from engines.prompts import bytes_to_unicode
 from tests.conftest import RunningServer, TinyModels
 from tests.e2e.conftest import tiny_settings
 
@@ -56,19 +57,6 @@ def token_bytes(reply: dict[str, Any], index: int = 0) -> list[bytes]:
     return [bytes(entry["bytes"]) for entry in reply["choices"][index]["logprobs"]["content"]]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level alphabet: the symbol that stands for each byte in the vocabulary."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
-    codes = list(printable)
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return {byte: chr(code) for byte, code in zip(printable, codes, strict=True)}
-
-
 @cache
 def _tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
@@ -80,7 +68,7 @@ def _tokenizer(path: str) -> Any:
 def token_id(tiny_models: TinyModels) -> Any:
     """``token_id(b"A")``: the id of a one-byte token of the tiny model."""
     tokenizer = _tokenizer(str(tiny_models.base))
-    alphabet = _bytes_to_unicode()
+    alphabet = bytes_to_unicode()
 
     def lookup(raw: bytes) -> int:
         assert len(raw) == 1, raw
