@@ -12,6 +12,7 @@ import dataclasses
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from engines.adapters import same_model
 from engines.catalog import Catalog
@@ -193,8 +194,9 @@ class Engine:
         stop: tuple[str, ...] = (),
         request_id: str = "",
         ignore_eos: bool = False,
+        tools: list[dict[str, Any]] | None = None,
     ) -> GenerationRequest:
-        prompt = render_chat(lease.loaded.tokenizer, messages)
+        prompt = render_chat(lease.loaded.tokenizer, messages, tools)
         request = self._request(lease, prompt, max_tokens, sampling, stop, request_id, "messages")
         return dataclasses.replace(request, ignore_eos=ignore_eos) if ignore_eos else request
 

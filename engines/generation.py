@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from engines.errors import EngineError
 from engines.sampling import SamplingParams
@@ -15,6 +16,9 @@ class ChatMessage:
     role: str
     content: str
     name: str | None = None
+    #: For templates with tool support: an assistant turn's calls, and the id a tool result answers.
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,22 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render_chat(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
+def template_supports_tools(tokenizer: Any) -> bool:
+    """Whether the chat template renders a ``tools`` list (Llama 3, Qwen, Mistral templates do)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        return "tool_use" in template or any("tools" in str(t) for t in template.values())
+    return isinstance(template, str) and "tools" in template
+
+
+def render_chat(
+    tokenizer: Any, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
     """Apply the model's chat template (with the generation prompt) and tokenize the result.
 
     A model without a chat template gets a clear 400 rather than a guessed format: the wrong template
-    silently degrades every answer.
+    silently degrades every answer. Tool definitions are rendered only by templates that know them; for
+    any other model they are refused rather than dropped.
     """
     if not has_chat_template(tokenizer):
         raise InvalidGenerationRequest(
@@ -24,14 +35,26 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
             "/v1/completions with a plain prompt.",
             param="messages",
         )
+    if tools and not template_supports_tools(tokenizer):
+        raise InvalidGenerationRequest(
+            "This model's chat template does not support tools, so 'tools' cannot be given to it.",
+            param="tools",
+        )
     conversation: list[dict[str, Any]] = []
     for message in messages:
         entry: dict[str, Any] = {"role": message.role, "content": message.content}
         if message.name:
             entry["name"] = message.name
+        if message.tool_calls:
+            entry["tool_calls"] = list(message.tool_calls)
+        if message.tool_call_id:
+            entry["tool_call_id"] = message.tool_call_id
         conversation.append(entry)
+    extra: dict[str, Any] = {"tools": tools} if tools else {}
     try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True, **extra
+        )
     except Exception as exc:  # jinja2 raises TemplateError subclasses, templates raise anything
         raise InvalidGenerationRequest(
             f"The model's chat template rejected these messages: {exc}", param="messages"

@@ -32,17 +32,11 @@ from gateway.streaming import (
 
 def refuse_unsupported(body: ChatCompletionRequest) -> None:
     """Parameters this gateway cannot honour are refused, never silently ignored."""
-    if body.tools:
+    if body.tool_choice not in (None, "none", "auto"):
         raise APIError(
             400,
-            "This gateway does not support tool calling ('tools').",
-            param="tools",
-            code="unsupported_parameter",
-        )
-    if body.tool_choice not in (None, "none"):
-        raise APIError(
-            400,
-            "This gateway does not support 'tool_choice'.",
+            "Only tool_choice 'auto' and 'none' are supported: this gateway renders tools into the prompt "
+            "for templates that support them but cannot force a call.",
             param="tool_choice",
             code="unsupported_parameter",
         )
@@ -98,7 +92,17 @@ async def chat_completions(request: Request) -> Response:
     check_choices(settings, body.n, "n")
     lease = await engine.acquire(body.model)
     try:
-        messages = [ChatMessage(role=m.role, content=m.text(), name=m.name) for m in body.messages]
+        messages = [
+            ChatMessage(
+                role=m.role,
+                content=m.text(),
+                name=m.name,
+                tool_calls=tuple(m.tool_calls or ()),
+                tool_call_id=m.tool_call_id,
+            )
+            for m in body.messages
+        ]
+        tools = body.tools if body.tool_choice != "none" else None
         top = body.top_logprobs or 0
         requests = [
             engine.chat_request(
@@ -115,6 +119,7 @@ async def chat_completions(request: Request) -> Response:
                 stop=body.stop_list(),
                 request_id=getattr(request.state, "request_id", ""),
                 ignore_eos=body.ignore_eos,
+                tools=tools,
             )
             for i in range(body.n)
         ]
