@@ -4,30 +4,21 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from engines.engine import Engine
-from engines.errors import EngineError
 from engines.generation import ChatMessage, GenerationRequest
 from engines.pool import Lease
 from gateway.cancellation import run_while_connected
-from gateway.errors import APIError, from_engine
+from gateway.errors import APIError
 from gateway.protocol import ChatCompletionRequest
 from gateway.requests import cap_tokens, check_choices, check_limits, parse_body, sampling_params
 from gateway.settings import Settings
-from gateway.streaming import (
-    DONE,
-    envelope,
-    event_stream,
-    logprob_entries,
-    run_choices,
-    sse_data,
-    usage_dict,
-)
+from gateway.streaming import chunk_writer, envelope, event_stream, logprob_entries, run_choices, usage_dict
 
 
 def refuse_unsupported(body: ChatCompletionRequest) -> None:
@@ -133,7 +124,7 @@ async def chat_completions(request: Request) -> Response:
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         frames = _stream(engine, lease, requests, body.model, completion_id, created, include_usage)
-        return event_stream(frames)
+        return event_stream(frames, lease)
     try:
         return await run_while_connected(
             request,
@@ -186,50 +177,35 @@ async def _stream(
     completion_id: str,
     created: int,
     include_usage: bool,
-) -> AsyncIterator[str]:
-    """SSE frames: role chunk per choice, content chunks, finish chunk, optional usage, ``[DONE]``."""
+) -> AsyncGenerator[str, None]:
+    """SSE payloads: role chunk per choice, content chunks, finish chunk, optional usage."""
 
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        payload = envelope("chat.completion.chunk", completion_id, created, model, choices)
-        if include_usage:
-            payload["usage"] = None
-        payload.update(extra)
-        return sse_data(payload)
-
+    chunk = chunk_writer("chat.completion.chunk", completion_id, created, model, include_usage)
     want_logprobs = requests[0].sampling.logprobs
     completion_tokens = [0] * len(requests)
-    try:
-        for index in range(len(requests)):
+    for index in range(len(requests)):
+        yield chunk(
+            [{"index": index, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]
+        )
+    async for index, event in run_choices(engine, lease, requests):
+        if event.error is not None:
+            raise event.error
+        completion_tokens[index] = event.completion_tokens
+        entries = {"content": logprob_entries(event), "refusal": None} if want_logprobs else None
+        if event.text or (entries and entries["content"]):
             yield chunk(
-                [{"index": index, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]
+                [
+                    {
+                        "index": index,
+                        "delta": {"content": event.text},
+                        "logprobs": entries,
+                        "finish_reason": None,
+                    }
+                ]
             )
-        async for index, event in run_choices(engine, lease, requests):
-            if event.error is not None:
-                yield sse_data(from_engine(event.error).body())
-                yield DONE
-                return
-            completion_tokens[index] = event.completion_tokens
-            entries = {"content": logprob_entries(event), "refusal": None} if want_logprobs else None
-            if event.text or (entries and entries["content"]):
-                yield chunk(
-                    [
-                        {
-                            "index": index,
-                            "delta": {"content": event.text},
-                            "logprobs": entries,
-                            "finish_reason": None,
-                        }
-                    ]
-                )
-            if event.finish_reason:
-                yield chunk(
-                    [{"index": index, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason}]
-                )
-        if include_usage:
-            yield chunk([], usage=usage_dict(len(requests[0].prompt_ids), sum(completion_tokens)))
-        yield DONE
-    except EngineError as exc:
-        yield sse_data(from_engine(exc).body())
-        yield DONE
-    finally:
-        lease.release()
+        if event.finish_reason:
+            yield chunk(
+                [{"index": index, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason}]
+            )
+    if include_usage:
+        yield chunk([], usage=usage_dict(len(requests[0].prompt_ids), sum(completion_tokens)))

@@ -8,22 +8,21 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from engines.engine import Engine
-from engines.errors import EngineError
 from engines.generation import GenerationEvent, GenerationRequest
 from engines.pool import Lease
 from gateway.cancellation import run_while_connected
-from gateway.errors import APIError, from_engine
+from gateway.errors import APIError
 from gateway.protocol import CompletionRequest
 from gateway.requests import cap_tokens, check_choices, check_limits, parse_body, sampling_params
 from gateway.settings import Settings
-from gateway.streaming import DONE, envelope, event_stream, run_choices, sse_data, usage_dict
+from gateway.streaming import chunk_writer, envelope, event_stream, run_choices, usage_dict
 
 
 def _prompts(body: CompletionRequest) -> list[str | list[int]]:
@@ -125,7 +124,8 @@ async def completions(request: Request) -> Response:
                 include_usage,
                 echoes,
                 prompt_tokens,
-            )
+            ),
+            lease,
         )
     try:
         return await run_while_connected(
@@ -189,45 +189,30 @@ async def _stream(
     include_usage: bool,
     echoes: list[str],
     prompt_tokens: int,
-) -> AsyncIterator[str]:
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        payload = envelope("text_completion", completion_id, created, model, choices)
-        if include_usage:
-            payload["usage"] = None
-        payload.update(extra)
-        return sse_data(payload)
-
+) -> AsyncGenerator[str, None]:
+    chunk = chunk_writer("text_completion", completion_id, created, model, include_usage)
     want_logprobs = requests[0].sampling.logprobs
     completion_tokens = [0] * len(requests)
     offsets = [len(echo) for echo in echoes]
-    try:
-        for index, echo in enumerate(echoes):
-            if echo:
-                yield chunk([{"index": index, "text": echo, "logprobs": None, "finish_reason": None}])
-        async for index, event in run_choices(engine, lease, requests):
-            if event.error is not None:
-                yield sse_data(from_engine(event.error).body())
-                yield DONE
-                return
-            completion_tokens[index] = event.completion_tokens
-            if event.text or event.logprobs or event.finish_reason:
-                logprobs = _legacy_logprobs(event, offsets[index]) if want_logprobs else None
-                offsets[index] += len(event.text)
-                yield chunk(
-                    [
-                        {
-                            "index": index,
-                            "text": event.text,
-                            "logprobs": logprobs,
-                            "finish_reason": event.finish_reason,
-                        }
-                    ]
-                )
-        if include_usage:
-            yield chunk([], usage=usage_dict(prompt_tokens, sum(completion_tokens)))
-        yield DONE
-    except EngineError as exc:
-        yield sse_data(from_engine(exc).body())
-        yield DONE
-    finally:
-        lease.release()
+    for index, echo in enumerate(echoes):
+        if echo:
+            yield chunk([{"index": index, "text": echo, "logprobs": None, "finish_reason": None}])
+    async for index, event in run_choices(engine, lease, requests):
+        if event.error is not None:
+            raise event.error
+        completion_tokens[index] = event.completion_tokens
+        if event.text or event.logprobs or event.finish_reason:
+            logprobs = _legacy_logprobs(event, offsets[index]) if want_logprobs else None
+            offsets[index] += len(event.text)
+            yield chunk(
+                [
+                    {
+                        "index": index,
+                        "text": event.text,
+                        "logprobs": logprobs,
+                        "finish_reason": event.finish_reason,
+                    }
+                ]
+            )
+    if include_usage:
+        yield chunk([], usage=usage_dict(prompt_tokens, sum(completion_tokens)))

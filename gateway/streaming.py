@@ -9,14 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from starlette.responses import Response
 
 from engines.engine import Engine
+from engines.errors import EngineError
 from engines.generation import GenerationEvent, GenerationRequest
 from engines.pool import Lease
+from gateway.errors import from_engine
 
 SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 DONE = "[DONE]"
@@ -27,11 +29,44 @@ def sse_data(payload: dict[str, Any]) -> str:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
 
 
-def event_stream(frames: AsyncIterator[str]) -> Response:
-    """An SSE response: ``data: <payload>\n\n`` per item, no-store, unbuffered by proxies."""
+def event_stream(frames: AsyncGenerator[str, None], lease: Lease) -> Response:
+    """An SSE response: ``data: <payload>\n\n`` per item, no-store, unbuffered by proxies.
+
+    The stream always ends with ``[DONE]``; an engine error after the stream started is sent as an
+    ``{"error": ...}`` frame first (the status line is long gone), and the lease is released at the end,
+    also when the client disconnects.
+    """
     from sse_starlette import EventSourceResponse
 
-    return EventSourceResponse(frames, headers=SSE_HEADERS, sep="\n", ping=15)
+    return EventSourceResponse(_finished(frames, lease), headers=SSE_HEADERS, sep="\n", ping=15)
+
+
+async def _finished(frames: AsyncGenerator[str, None], lease: Lease) -> AsyncIterator[str]:
+    try:
+        async with contextlib.aclosing(frames):
+            async for frame in frames:
+                yield frame
+        yield DONE
+    except EngineError as exc:
+        yield sse_data(from_engine(exc).body())
+        yield DONE
+    finally:
+        lease.release()
+
+
+def chunk_writer(
+    kind: str, completion_id: str, created: int, model: str, include_usage: bool
+) -> Callable[..., str]:
+    """Builds the ``data:`` payload of each chunk; with ``include_usage`` every chunk carries ``usage``."""
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        payload = envelope(kind, completion_id, created, model, choices)
+        if include_usage:
+            payload["usage"] = None
+        payload.update(extra)
+        return sse_data(payload)
+
+    return chunk
 
 
 async def run_choices(
