@@ -22,7 +22,10 @@ from bench.serving import PROMPT, raw_generate
 LLAMA_CPP = {"one stream tok/s": 80, "eight clients tok/s": 195}
 
 
-async def _stream(engine: Any, model: str, prompt: str, new_tokens: int) -> tuple[float, int]:
+async def _stream(
+    engine: Any, model: str, prompt: str, new_tokens: int, gaps: list[float] | None = None
+) -> tuple[float, int]:
+    """One greedy fixed-length generation: (time to first event, tokens); inter-event gaps into ``gaps``."""
     from engines.generation import ChatMessage
     from engines.sampling import SamplingParams
 
@@ -35,12 +38,16 @@ async def _stream(engine: Any, model: str, prompt: str, new_tokens: int) -> tupl
             sampling=SamplingParams(temperature=0),
             ignore_eos=True,
         )
-        started = time.perf_counter()
+        started = last = time.perf_counter()
         first = None
         tokens = 0
         async for event in engine.generate(lease, request):
+            now = time.perf_counter()
             if first is None:
-                first = time.perf_counter() - started
+                first = now - started
+            elif gaps is not None:
+                gaps.append(now - last)
+            last = now
             tokens = event.completion_tokens
         return first or 0.0, tokens
     finally:
@@ -115,8 +122,6 @@ def stall_rows(base: Path, dtype: str, long_prompt_tokens: int = 1500) -> list[d
     """Worst inter-token gap of 4 running streams when a long prompt arrives: chunked vs whole prefill."""
     from engines.catalog import BaseSpec, Catalog
     from engines.engine import Engine, EngineLimits
-    from engines.generation import ChatMessage
-    from engines.sampling import SamplingParams
 
     rows = []
     for chunk in (4096, 256):
@@ -125,30 +130,11 @@ def stall_rows(base: Path, dtype: str, long_prompt_tokens: int = 1500) -> list[d
         try:
 
             async def run(engine: Engine) -> float:
-                async def stream(prompt: str, tokens: int, gaps: list[float] | None) -> None:
-                    lease = await engine.acquire("smol")
-                    try:
-                        request = engine.chat_request(
-                            lease,
-                            [ChatMessage(role="user", content=prompt)],
-                            max_tokens=tokens,
-                            sampling=SamplingParams(temperature=0),
-                            ignore_eos=True,
-                        )
-                        last = None
-                        async for _event in engine.generate(lease, request):
-                            now = time.perf_counter()
-                            if gaps is not None and last is not None:
-                                gaps.append(now - last)
-                            last = now
-                    finally:
-                        lease.release()
-
-                await stream(PROMPT, 2, None)  # load + warm-up
+                await _stream(engine, "smol", PROMPT, 2)  # load + warm-up
                 gaps: list[float] = []
-                running = [asyncio.create_task(stream(PROMPT, 48, gaps)) for _ in range(4)]
+                running = [asyncio.create_task(_stream(engine, "smol", PROMPT, 48, gaps)) for _ in range(4)]
                 await asyncio.sleep(1.0)
-                await stream("x" * long_prompt_tokens, 1, None)
+                await _stream(engine, "smol", "x" * long_prompt_tokens, 1)
                 await asyncio.gather(*running)
                 return max(gaps)
 
