@@ -203,31 +203,17 @@ class ModelPool:
 
     def make_room(self, key: str, estimate: int) -> None:
         """Before loading ``key``: evict idle entries until it fits the budget, or refuse with 503 now."""
-
-        def too_full() -> bool:
-            if self.max_models is not None and len(self._entries) + 1 > self.max_models:
-                return True
-            return self.max_bytes is not None and self.bytes_held + estimate > self.max_bytes
-
         if self.max_bytes is not None and estimate > self.max_bytes:
             raise Overloaded(
                 f"'{key}' needs about {estimate / 2**20:.0f} MiB, more than the whole model cache "
                 f"([cache] max_memory = {self.max_bytes / 2**20:.0f} MiB).",
                 retry_after=60,
             )
-        while too_full():
-            idle = [entry for entry in self._entries.values() if entry.idle]
-            if not idle:
-                raise Overloaded(
-                    f"Not enough room in the model cache for '{key}' (about {estimate / 2**20:.1f} MiB) while "
-                    "other models are in use; retry later or raise [cache] max_memory / max_models.",
-                    retry_after=5,
-                )
-            victim = min(idle, key=lambda entry: entry.last_used)
-            self._drop(victim)
-            PoolStats.bump(self.stats.evictions, victim.key)
-            log.info(
-                "evicted %s (%.1f MiB) to make room for %s", victim.key, victim.loaded.nbytes / 2**20, key
+        if not self._enforce_budget(extra_models=1, extra_bytes=estimate):
+            raise Overloaded(
+                f"Not enough room in the model cache for '{key}' (about {estimate / 2**20:.1f} MiB) while "
+                "other models are in use; retry later or raise [cache] max_memory / max_models.",
+                retry_after=5,
             )
 
     def _count_for_promotion(self, spec: BaseSpec, ref: AdapterRef, model_id: str, variant_key: str) -> None:
@@ -340,8 +326,7 @@ class ModelPool:
         self._entries[key] = entry
         entry.users += 1  # protect the fresh entry from its own budget check
         try:
-            self._enforce_budget()
-            if self._over_budget():
+            if not self._enforce_budget():
                 self._drop(entry)
                 raise Overloaded(
                     f"Not enough room in the model cache for '{key}' "
@@ -353,21 +338,25 @@ class ModelPool:
             entry.users -= 1
         return entry
 
-    def _over_budget(self) -> bool:
-        if self.max_models is not None and len(self._entries) > self.max_models:
+    def _over_budget(self, extra_models: int = 0, extra_bytes: int = 0) -> bool:
+        if self.max_models is not None and len(self._entries) + extra_models > self.max_models:
             return True
-        return self.max_bytes is not None and self.bytes_held > self.max_bytes
+        return self.max_bytes is not None and self.bytes_held + extra_bytes > self.max_bytes
 
-    def _enforce_budget(self) -> None:
-        """Evict idle entries, least recently used first, until the budget holds (or nothing is idle)."""
-        while self._over_budget():
+    def _enforce_budget(self, extra_models: int = 0, extra_bytes: int = 0) -> bool:
+        """Evict idle entries, least recently used first, until the budget holds with room for the extras.
+
+        Returns whether it holds: False when everything left is in use.
+        """
+        while self._over_budget(extra_models, extra_bytes):
             idle = [entry for entry in self._entries.values() if entry.idle]
             if not idle:
-                return
+                return False
             victim = min(idle, key=lambda entry: entry.last_used)
             self._drop(victim)
             PoolStats.bump(self.stats.evictions, victim.key)
             log.info("evicted %s (%.1f MiB)", victim.key, victim.loaded.nbytes / 2**20)
+        return True
 
     def _drop(self, entry: PoolEntry) -> None:
         self._entries.pop(entry.key, None)
