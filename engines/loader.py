@@ -20,7 +20,7 @@ from engines import hub
 from engines.adapters import AdapterFiles
 from engines.catalog import BaseSpec
 from engines.devices import auto_dtype_name
-from engines.errors import AdapterRejected, InvalidGenerationRequest, ModelLoadFailed
+from engines.errors import AdapterRejected, ModelLoadFailed
 
 log = logging.getLogger("peft_gateway.loader")
 
@@ -259,8 +259,6 @@ def build_variant(base: LoadedModel, files: AdapterFiles, name: str) -> LoadedMo
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    if base.tokenizer is None:  # pragma: no cover - defensive
-        raise InvalidGenerationRequest("base has no tokenizer")
     started = time.perf_counter()
     clone = shallow_clone(base.model)
     target_dtype = next(base.model.parameters()).dtype

@@ -19,7 +19,6 @@ import functools
 import inspect
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -66,9 +65,7 @@ class SchedulerStats:
     """Live numbers for metrics and benchmarks."""
 
     steps: int = 0
-    batched_tokens: int = 0
     prefill_tokens: int = 0
-    max_stall_seconds: float = 0.0
     last_batch_size: int = 0
 
 
@@ -277,7 +274,6 @@ class Scheduler:
         if not batch.rows or batch.kv is None:
             return
         kv = batch.kv
-        started = time.perf_counter()
         try:
             mask, positions = kv.step_inputs()
             ids = torch.tensor([[s.last_token()] for s in batch.rows], dtype=torch.long, device=mask.device)
@@ -306,7 +302,5 @@ class Scheduler:
                 log.exception("sampling failed for %s", sequence.request.request_id)
                 sequence.fail(exc)
         self.stats.steps += 1
-        self.stats.batched_tokens += len(batch.rows)
         self.stats.last_batch_size = len(batch.rows)
-        self.stats.max_stall_seconds = max(self.stats.max_stall_seconds, time.perf_counter() - started)
         self._drop_finished(batch)
