@@ -66,6 +66,7 @@ class EngineLimits:
     prefill_chunk: int = 512
     prefix_cache_bytes: int = 256 * 2**20
     threads: int = 0
+    lean_decode: bool = True
 
 
 class Engine:
@@ -81,6 +82,7 @@ class Engine:
             prefill_chunk=limits.prefill_chunk,
             prefix_cache_bytes=limits.prefix_cache_bytes,
             threads=limits.threads,
+            lean_decode=limits.lean_decode,
         )
         self.reporters: list[Callable[[GenerationReport], None]] = []
 

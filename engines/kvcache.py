@@ -83,6 +83,14 @@ class BatchKVCache(Cache):
         )
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self._device)
+
+    @property
     def rows(self) -> int:
         return len(self.starts)
 
@@ -171,11 +179,6 @@ class BatchKVCache(Cache):
         self.starts.pop()
         if not self.starts:
             self.length = 0
-
-    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reserve a column for the next token; its attention mask and position ids."""
-        self.reserve(1)
-        return self.attention_mask(), self.position_ids()
 
     def attention_mask(self, new_columns: int = 1) -> torch.Tensor:
         """``[rows, length + new_columns]``: 1 for each row's own tokens, 0 for its left padding."""

@@ -24,8 +24,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from engines.devices import decode_kernels
 from engines.errors import Overloaded
 from engines.kvcache import BatchKVCache
+from engines.lean_decode import LeanDecoder
 from engines.loader import LoadedModel
 from engines.prefix_cache import PrefixCache, cache_from_prefix
 from engines.sequence import Sequence
@@ -75,6 +77,7 @@ class _ModelBatch:
 
     loaded: LoadedModel
     cache_key: str
+    decoder: LeanDecoder | None = None
     kv: BatchKVCache | None = None
     rows: list[Sequence] = field(default_factory=list)
 
@@ -106,8 +109,10 @@ class Scheduler:
         prefill_chunk: int = 512,
         prefix_cache_bytes: int = 256 * 2**20,
         threads: int = 0,
+        lean_decode: bool = True,
     ) -> None:
         self.threads = threads
+        self.lean_decode = lean_decode
         self.max_active = max_active
         self.prefix_cache_bytes = prefix_cache_bytes
         self.max_waiting = max_waiting
@@ -245,8 +250,11 @@ class Scheduler:
         key = id(sequence.model.model)
         batch = self._batches.get(key)
         if batch is None:
+            model = sequence.model.model
             batch = self._batches[key] = _ModelBatch(
-                loaded=sequence.model, cache_key=cache_kwarg(sequence.model.model)
+                loaded=sequence.model,
+                cache_key=cache_kwarg(model),
+                decoder=LeanDecoder.for_model(model) if self.lean_decode else None,
             )
         if batch.kv is None:
             batch.kv = batch.new_cache()
@@ -275,17 +283,11 @@ class Scheduler:
             return
         kv = batch.kv
         try:
-            mask, positions = kv.step_inputs()
-            ids = torch.tensor([[s.last_token()] for s in batch.rows], dtype=torch.long, device=mask.device)
-            with adapter_rows(batch.rows):
-                output = batch.loaded.model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=positions,
-                    use_cache=True,
-                    logits_to_keep=1,
-                    **{batch.cache_key: kv},
-                )
+            kv.reserve(1)
+            positions = kv.position_ids()
+            ids = torch.tensor([[s.last_token()] for s in batch.rows], dtype=torch.long, device=kv.device)
+            with adapter_rows(batch.rows), decode_kernels(kv.dtype, kv.device, len(batch.rows)):
+                logits = self._forward_one(batch, kv, ids, positions)
             kv.advance()
         except Exception as exc:
             log.exception("decode step failed for a batch of %d", len(batch.rows))
@@ -293,7 +295,6 @@ class Scheduler:
                 sequence.fail(exc)
             self._drop_finished(batch)
             return
-        logits = output.logits[:, -1]
         for row, sequence in enumerate(batch.rows):
             sequence.logits = logits[row]
             try:
@@ -304,3 +305,18 @@ class Scheduler:
         self.stats.steps += 1
         self.stats.last_batch_size = len(batch.rows)
         self._drop_finished(batch)
+
+    @staticmethod
+    def _forward_one(batch: _ModelBatch, kv: BatchKVCache, ids: Any, positions: Any) -> Any:
+        """Logits ``[rows, vocab]`` for one new token per row, by the lean step where the model has one."""
+        if batch.decoder is not None:
+            return batch.decoder.step(ids, kv, positions)
+        output = batch.loaded.model(
+            input_ids=ids,
+            attention_mask=kv.attention_mask(),
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{batch.cache_key: kv},
+        )
+        return output.logits[:, -1]

@@ -70,6 +70,7 @@ def engine_limits(settings: Settings) -> EngineLimits:
         prefill_chunk=settings.engine.prefill_chunk,
         prefix_cache_bytes=int(settings.engine.prefix_cache),
         threads=settings.engine.threads,
+        lean_decode=settings.engine.lean_decode,
     )
 
 

@@ -71,6 +71,7 @@ class EngineSettings(_Strict):
     prefill_chunk: int = Field(default=512, ge=16)
     prefix_cache: ByteSize = Field(default=ByteSize(256 * 2**20))
     threads: int = Field(default=0, ge=0, le=1024)
+    lean_decode: bool = True
 
 
 class Settings(BaseSettings):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from engines.catalog import AdapterPolicy, AdapterSpec, BaseSpec, Catalog
 from engines.engine import Engine, EngineLimits
+from engines.lean_decode import LeanDecoder
 from engines.sampling import SamplingParams
 from tests.conftest import TinyModels
 
@@ -169,3 +171,39 @@ def test_a_failing_first_step_ends_one_request_not_the_engine(
         assert engine.scheduler.alive
 
     asyncio.run(scenario())
+
+
+def test_lean_decode_gives_the_answers_of_the_transformers_forward(
+    tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lean_steps = []
+    real_step = LeanDecoder.step
+
+    def counting_step(self: LeanDecoder, *args: Any) -> Any:
+        lean_steps.append(len(args[0]))
+        return real_step(self, *args)
+
+    monkeypatch.setattr(LeanDecoder, "step", counting_step)
+
+    def answers(lean: bool) -> list[str]:
+        catalog = Catalog(
+            bases=(BaseSpec(name="tiny", source=str(tiny_models.base), dtype="float32", context_length=256),),
+            adapters=(AdapterSpec(alias="lora", source=str(tiny_models.adapter), base="tiny"),),
+            policy=AdapterPolicy(adapter_dirs=(tiny_models.adapter_dirs,), base_match="warn"),
+        )
+        engine = Engine(catalog, EngineLimits(max_batch=8, lean_decode=lean))
+        try:
+
+            async def scenario() -> list[str]:
+                jobs = [("tiny+lora" if i % 2 else "tiny", p) for i, p in enumerate(PROMPTS)]
+                return list(await asyncio.gather(*(generate(engine, m, p, n=40) for m, p in jobs)))
+
+            return asyncio.run(scenario())
+        finally:
+            engine.close()
+
+    with_lean = answers(lean=True)
+    assert max(lean_steps) > 1  # rows of both models batched through the lean step
+    steps_taken = len(lean_steps)
+    assert with_lean == answers(lean=False)
+    assert len(lean_steps) == steps_taken

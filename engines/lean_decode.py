@@ -1,0 +1,184 @@
+"""A lean one-token decode step for Llama-family models, straight onto the engine's batched KV cache.
+
+A decode step reads every weight once and does little arithmetic, so on a CPU the time that is not
+spent streaming weights is interpreter and dispatch overhead: transformers' forward pass builds masks,
+position embeddings, cache-update calls and output objects for every layer of every token. This step
+does the same arithmetic, in the same order and dtypes (so it gives the same logits), with about half
+the operator calls: one embedding lookup, per layer two RMS norms, seven projections, rotary embedding,
+an in-place write of the new K/V column into ``BatchKVCache`` and one ``scaled_dot_product_attention``
+with grouped KV heads.
+
+It covers the architectures whose decoder layer is exactly that (``ARCHITECTURES``); anything else,
+or any layer that is not a plain ``nn.Linear`` (quantized, or still wrapped by peft), keeps the
+transformers forward. Projections with forward hooks (unmerged multi-LoRA rows) are called as
+modules so the hooks still apply.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from engines.kvcache import BatchKVCache
+
+log = logging.getLogger("peft_gateway.lean_decode")
+
+#: ``model_type`` values whose decoder layer this step reproduces exactly (RMSNorm, rotary embedding,
+#: grouped-query attention, SiLU-gated MLP, optional q/k/v biases).
+ARCHITECTURES = frozenset({"llama", "mistral", "qwen2"})
+
+
+@dataclass(frozen=True)
+class _Layer:
+    input_norm: torch.nn.Module
+    q: torch.nn.Linear
+    k: torch.nn.Linear
+    v: torch.nn.Linear
+    o: torch.nn.Linear
+    post_norm: torch.nn.Module
+    gate: torch.nn.Linear
+    up: torch.nn.Linear
+    down: torch.nn.Linear
+
+
+def _project(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if layer._forward_hooks:  # multi-LoRA adds each row's adapter delta in a hook
+        out: torch.Tensor = layer(x)
+        return out
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalise in fp32, cast back, then scale in the model's dtype."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    out: torch.Tensor = norm.weight * h.to(dtype)
+    return out
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
+class LeanDecoder:
+    """Built once per model object; ``step`` advances every row of a ``BatchKVCache`` by one token."""
+
+    def __init__(self, model: Any) -> None:
+        config = model.config
+        self.embed = model.model.embed_tokens
+        self.rotary = model.model.rotary_emb
+        self.final_norm = model.model.norm
+        self.lm_head = model.lm_head
+        self.heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
+        self.layers = [
+            _Layer(
+                input_norm=layer.input_layernorm,
+                q=layer.self_attn.q_proj,
+                k=layer.self_attn.k_proj,
+                v=layer.self_attn.v_proj,
+                o=layer.self_attn.o_proj,
+                post_norm=layer.post_attention_layernorm,
+                gate=layer.mlp.gate_proj,
+                up=layer.mlp.up_proj,
+                down=layer.mlp.down_proj,
+            )
+            for layer in model.model.layers
+        ]
+
+    @classmethod
+    def for_model(cls, model: Any) -> LeanDecoder | None:
+        """The lean step for ``model``, or ``None`` (with the reason logged) where it would differ."""
+        reason = unsupported_reason(model)
+        if reason is not None:
+            log.info("lean decode off for %s: %s", type(model).__name__, reason)
+            return None
+        return cls(model)
+
+    def step(self, ids: torch.Tensor, kv: BatchKVCache, positions: torch.Tensor) -> torch.Tensor:
+        """Logits ``[rows, vocab]`` for ``ids [rows, 1]``; writes K/V at column ``kv.length``.
+
+        The caller reserves the column first (``kv.reserve(1)``) and advances the cache afterwards.
+        """
+        rows = ids.shape[0]
+        column = kv.length
+        x = self.embed(ids)
+        cos, sin = self.rotary(x, positions)
+        cos, sin = cos.view(rows, 1, 1, -1), sin.view(rows, 1, 1, -1)
+        mask = _padding_mask(kv, column + 1, x.device)
+        # One query position per row: the query heads that share a KV head are laid out as that KV
+        # head's "query positions", so attention runs on the cache as stored, without repeating K/V.
+        grouped = (rows, self.kv_heads, -1, self.head_dim)
+        for index, layer in enumerate(self.layers):
+            h = _rms_norm(layer.input_norm, x)
+            q = _project(layer.q, h).view(grouped)
+            k = _project(layer.k, h).view(grouped)
+            v = _project(layer.v, h).view(grouped)
+            keys, values = kv.keys[index], kv.values[index]
+            keys[:rows, :, column : column + 1] = _rotate(k, cos, sin)
+            values[:rows, :, column : column + 1] = v
+            attended = F.scaled_dot_product_attention(
+                _rotate(q, cos, sin),
+                keys[:rows, :, : column + 1],
+                values[:rows, :, : column + 1],
+                attn_mask=mask,
+            )
+            x = x + _project(layer.o, attended.reshape(rows, 1, -1))
+            h = _rms_norm(layer.post_norm, x)
+            x = x + _project(layer.down, F.silu(_project(layer.gate, h)) * _project(layer.up, h))
+        logits = _project(self.lm_head, _rms_norm(self.final_norm, x))
+        return logits[:, -1]
+
+
+def _padding_mask(kv: BatchKVCache, columns: int, device: Any) -> torch.Tensor | None:
+    """``[rows, 1, 1, columns]``: True where a row may attend; ``None`` when no row has padding."""
+    if not any(kv.starts):
+        return None
+    starts = torch.tensor(kv.starts, device=device).view(-1, 1, 1, 1)
+    return torch.arange(columns, device=device).view(1, 1, 1, -1) >= starts
+
+
+def unsupported_reason(model: Any) -> str | None:
+    """Why the lean step would not reproduce ``model``'s forward pass (``None`` when it would)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        return f"architecture {model_type!r} is not one of {sorted(ARCHITECTURES)}"
+    activation = getattr(config, "hidden_act", "silu")
+    if activation != "silu":
+        return f"activation {activation!r}"
+    if int(getattr(config, "pretraining_tp", 1) or 1) != 1:
+        return "pretraining_tp > 1"
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = getattr(config, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types)
+    if sliding or (model_type == "mistral" and getattr(config, "sliding_window", None)):
+        return "sliding-window attention"
+    inner = getattr(model, "model", None)
+    for attribute in ("embed_tokens", "rotary_emb", "norm", "layers"):
+        if not hasattr(inner, attribute):
+            return f"no model.{attribute}"
+    if type(getattr(model, "lm_head", None)) is not torch.nn.Linear:
+        return f"lm_head is a {type(model.lm_head).__name__}"
+    for layer in inner.layers:  # type: ignore[union-attr]
+        attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        projections = [getattr(attention, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        projections += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
+        for projection in projections:
+            if type(projection) is not torch.nn.Linear:
+                return f"a projection is a {type(projection).__name__}, not a plain linear layer"
+        for norm in (
+            getattr(layer, "input_layernorm", None),
+            getattr(layer, "post_attention_layernorm", None),
+        ):
+            if not type(norm).__name__.endswith("RMSNorm") or not hasattr(norm, "variance_epsilon"):
+                return f"a norm is a {type(norm).__name__}"
+    if not type(inner.norm).__name__.endswith("RMSNorm"):  # type: ignore[union-attr]
+        return f"the final norm is a {type(inner.norm).__name__}"  # type: ignore[union-attr]
+    return None
