@@ -124,3 +124,24 @@ def test_unsupported_adapter_falls_back_to_merging(tiny_models: TinyModels) -> N
     assert unsupported_reason({"bias": "all"})
     assert unsupported_reason({"bias": "none"}) is None
     assert replace  # keep import used for readers extending these tests
+
+
+def test_prefix_cache_is_never_shared_between_unmerged_adapters_of_one_base(multi: Engine) -> None:
+    """Unmerged adapters run on the base's own module tree, so a shared KV entry would be easy to hit."""
+    prompt = "A system prompt long enough to be cached as a prefix. " * 2
+
+    async def scenario() -> None:
+        cold = [await generate(multi, model, prompt) for model in MODELS]  # the fixture has reuse off
+        assert len(set(cold)) == len(MODELS)
+        multi.scheduler.prefix_cache_bytes = 64 * 2**20
+        for _ in range(2):  # the second round reuses prefixes: only ever each model's own
+            assert [await generate(multi, model, prompt) for model in MODELS] == cold
+        caches = []
+        for model in MODELS:
+            lease = await multi.acquire(model)
+            caches.append(lease.loaded.prefix_cache)
+            lease.release()
+        assert len({id(cache) for cache in caches}) == len(MODELS)
+        assert all(cache.hits >= 1 for cache in caches)
+
+    asyncio.run(scenario())
