@@ -107,27 +107,37 @@ class LeanDecoder:
 
         The caller reserves the column first (``kv.reserve(1)``) and advances the cache afterwards.
         """
+        mask = _padding_mask(kv, kv.length + 1, ids.device)
+        return self.forward(ids, positions, mask, kv.length, kv.keys, kv.values)
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        column: int,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """The step on plain tensors (so that ``torch.compile`` can trace it): K/V buffers per layer."""
         rows = ids.shape[0]
-        column = kv.length
         x = self.embed(ids)
         cos, sin = self.rotary(x, positions)
         cos, sin = cos.view(rows, 1, 1, -1), sin.view(rows, 1, 1, -1)
-        mask = _padding_mask(kv, column + 1, x.device)
         # One query position per row: the query heads that share a KV head are laid out as that KV
         # head's "query positions", so attention runs on the cache as stored, without repeating K/V.
         grouped = (rows, self.kv_heads, -1, self.head_dim)
-        for index, layer in enumerate(self.layers):
+        for layer, layer_keys, layer_values in zip(self.layers, keys, values, strict=True):
             h = _rms_norm(layer.input_norm, x)
             q = _project(layer.q, h).view(grouped)
             k = _project(layer.k, h).view(grouped)
             v = _project(layer.v, h).view(grouped)
-            keys, values = kv.keys[index], kv.values[index]
-            keys[:rows, :, column : column + 1] = _rotate(k, cos, sin)
-            values[:rows, :, column : column + 1] = v
+            layer_keys[:rows, :, column : column + 1] = _rotate(k, cos, sin)
+            layer_values[:rows, :, column : column + 1] = v
             attended = F.scaled_dot_product_attention(
                 _rotate(q, cos, sin),
-                keys[:rows, :, : column + 1],
-                values[:rows, :, : column + 1],
+                layer_keys[:rows, :, : column + 1],
+                layer_values[:rows, :, : column + 1],
                 attn_mask=mask,
             )
             x = x + _project(layer.o, attended.reshape(rows, 1, -1))
