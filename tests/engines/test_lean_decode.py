@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import pytest
@@ -22,16 +23,9 @@ from engines.devices import ONEDNN_MIN_ROWS_BF16, decode_kernels
 from engines.kvcache import BatchKVCache
 from engines.lean_decode import LeanDecoder, unsupported_reason
 from engines.multilora import LoraWeights, multilora_for
+from engines.tiny import TinyShape
 
-SHAPE: dict[str, Any] = dict(
-    vocab_size=97,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-)
+SHAPE: dict[str, Any] = {**asdict(TinyShape()), "vocab_size": 97}
 
 
 def build(config_class: Any, model_class: Any, **extra: Any) -> Any:
