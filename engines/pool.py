@@ -34,6 +34,7 @@ from engines.loader import (
 )
 from engines.multilora import load_lora_weights, multilora_for, unsupported_reason
 from engines.names import ModelName
+from engines.threads import run_on_own_thread
 
 log = logging.getLogger("peft_gateway.pool")
 
@@ -196,8 +197,8 @@ class ModelPool:
 
     async def _get_base(self, spec: BaseSpec) -> PoolEntry:
         async def load() -> LoadedModel:
-            self.make_room(spec.name, await asyncio.to_thread(estimate_base_bytes, spec))
-            return await asyncio.to_thread(self._base_loader, spec)
+            self.make_room(spec.name, await run_on_own_thread(estimate_base_bytes, spec))
+            return await run_on_own_thread(self._base_loader, spec)
 
         return await self._get(spec.name, load)
 
@@ -277,11 +278,11 @@ class ModelPool:
                     log.info("adapter %s uses %s: serving it merged instead of unmerged", model_id, reason)
             return files, unmerged
 
-        files, unmerged = await asyncio.to_thread(check)
+        files, unmerged = await run_on_own_thread(check)
         self.make_room(model_id, estimate_variant_bytes(files, base.loaded, unmerged=unmerged))
         if unmerged:
-            return await asyncio.to_thread(attach_unmerged, base.loaded, files, model_id)
-        return await asyncio.to_thread(build_variant, base.loaded, files, model_id)
+            return await run_on_own_thread(attach_unmerged, base.loaded, files, model_id)
+        return await run_on_own_thread(build_variant, base.loaded, files, model_id)
 
     def _lease(self, entry: PoolEntry, model_id: str) -> Lease:
         entry.users += 1

@@ -182,3 +182,33 @@ def test_variant_estimate_matches_what_the_merge_allocates(tiny_models: TinyMode
         AdapterRef(kind="local", source=str(tiny_models.adapter)), tiny_models.adapter, AdapterPolicy()
     )
     assert estimate_variant_bytes(files, base, unmerged=False) == build_variant(base, files, "v").nbytes
+
+
+def test_loads_and_merges_run_on_threads_that_end_with_them(
+    tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long-lived loader thread would keep an OpenMP team that slows the engine's decode steps."""
+    import engines.pool
+
+    workers: list[threading.Thread] = []
+    real_build_variant = engines.pool.build_variant
+
+    def load(spec: BaseSpec) -> LoadedModel:
+        workers.append(threading.current_thread())
+        return load_base(spec)
+
+    def build_variant(*args: object) -> LoadedModel:
+        workers.append(threading.current_thread())
+        return real_build_variant(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(engines.pool, "build_variant", build_variant)
+    pool = ModelPool(catalog(tiny_models), base_loader=load)
+
+    async def scenario() -> None:
+        (await pool.acquire(ModelName.parse("tiny+lora"))).release()
+        assert len(workers) == 2 and threading.main_thread() not in workers
+        for worker in workers:  # checked while the loop (and any executor it owns) is still running
+            worker.join(timeout=5)
+            assert not worker.is_alive()
+
+    asyncio.run(scenario())
