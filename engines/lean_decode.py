@@ -43,6 +43,10 @@ class _Layer:
     gate: torch.nn.Linear
     up: torch.nn.Linear
     down: torch.nn.Linear
+    #: ``[q; k; v]`` and ``[gate; up]`` weights (and biases) as one matrix each, where the model's
+    #: weights are consecutive slices of one buffer (``fuse_projections``); ``None`` otherwise.
+    qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
 
 def _project(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -50,6 +54,86 @@ def _project(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = layer(x)
         return out
     return F.linear(x, layer.weight, layer.bias)
+
+
+def _project_together(
+    fused: tuple[torch.Tensor, torch.Tensor | None] | None,
+    layers: tuple[torch.nn.Linear, ...],
+    x: torch.Tensor,
+) -> list[torch.Tensor]:
+    """Several projections of ``x``: one matrix product where their weights are fused and unhooked."""
+    if fused is None or any(layer._forward_hooks for layer in layers):
+        return [_project(layer, x) for layer in layers]
+    weight, bias = fused
+    sizes = [layer.out_features for layer in layers]
+    return list(F.linear(x, weight, bias).split(sizes, dim=-1))
+
+
+def fuse_projections(model: Any) -> int:
+    """Store each layer's q/k/v and gate/up weights in one buffer and make the layers views of it.
+
+    Memory stays the same (the separate tensors are freed), transformers' forward is unchanged, and
+    the lean step can then run one matrix product where it ran three (or two): about 10% of a bf16
+    decode step at 2-8 rows. Called right after loading, before anything else holds the weights.
+    Returns the number of layers fused (0 where the lean step does not cover the model).
+    """
+    if unsupported_reason(model) is not None:
+        return 0
+    fused = 0
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            for group in (
+                (attention.q_proj, attention.k_proj, attention.v_proj),
+                (mlp.gate_proj, mlp.up_proj),
+            ):
+                _fuse_group(group)
+            fused += 1
+    return fused
+
+
+def _fuse_group(layers: tuple[torch.nn.Linear, ...]) -> None:
+    weight = torch.cat([layer.weight for layer in layers])
+    has_bias = [layer.bias is not None for layer in layers]
+    bias = torch.cat([layer.bias for layer in layers if layer.bias is not None]) if all(has_bias) else None
+    start = 0
+    for layer in layers:
+        end = start + layer.out_features
+        layer.weight = torch.nn.Parameter(weight[start:end], requires_grad=False)
+        if bias is not None:
+            layer.bias = torch.nn.Parameter(bias[start:end], requires_grad=False)
+        start = end
+
+
+def _fused_view(layers: tuple[torch.nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The one matrix the layers' weights (and biases) are consecutive slices of, if they are."""
+    weights = _consecutive([layer.weight for layer in layers])
+    if weights is None:
+        return None
+    if all(layer.bias is None for layer in layers):
+        return weights, None
+    if any(layer.bias is None for layer in layers):
+        return None
+    biases = _consecutive([layer.bias for layer in layers])
+    return (weights, biases) if biases is not None else None
+
+
+def _consecutive(tensors: list[Any]) -> torch.Tensor | None:
+    first = tensors[0]
+    storage = first.untyped_storage().data_ptr()
+    offset = first.storage_offset()
+    for tensor in tensors:
+        if (
+            not tensor.is_contiguous()
+            or tensor.untyped_storage().data_ptr() != storage
+            or tensor.storage_offset() != offset
+            or tensor.dtype != first.dtype
+            or tensor.shape[1:] != first.shape[1:]
+        ):
+            return None
+        offset += tensor.numel()
+    rows = sum(int(tensor.shape[0]) for tensor in tensors)
+    return first.detach().as_strided((rows, *first.shape[1:]), first.stride())
 
 
 def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +173,8 @@ class LeanDecoder:
                 gate=layer.mlp.gate_proj,
                 up=layer.mlp.up_proj,
                 down=layer.mlp.down_proj,
+                qkv=_fused_view((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)),
+                gate_up=_fused_view((layer.mlp.gate_proj, layer.mlp.up_proj)),
             )
             for layer in model.model.layers
         ]
@@ -129,9 +215,9 @@ class LeanDecoder:
         grouped = (rows, self.kv_heads, -1, self.head_dim)
         for layer, layer_keys, layer_values in zip(self.layers, keys, values, strict=True):
             h = _rms_norm(layer.input_norm, x)
-            q = _project(layer.q, h).view(grouped)
-            k = _project(layer.k, h).view(grouped)
-            v = _project(layer.v, h).view(grouped)
+            q, k, v = (
+                t.reshape(grouped) for t in _project_together(layer.qkv, (layer.q, layer.k, layer.v), h)
+            )
             layer_keys[:rows, :, column : column + 1] = _rotate(k, cos, sin)
             layer_values[:rows, :, column : column + 1] = v
             attended = F.scaled_dot_product_attention(
@@ -142,7 +228,8 @@ class LeanDecoder:
             )
             x = x + _project(layer.o, attended.reshape(rows, 1, -1))
             h = _rms_norm(layer.post_norm, x)
-            x = x + _project(layer.down, F.silu(_project(layer.gate, h)) * _project(layer.up, h))
+            gate, up = _project_together(layer.gate_up, (layer.gate, layer.up), h)
+            x = x + _project(layer.down, F.silu(gate) * up)
         logits = _project(self.lm_head, _rms_norm(self.final_norm, x))
         return logits[:, -1]
 

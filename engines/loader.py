@@ -80,6 +80,8 @@ def load_base(spec: BaseSpec) -> LoadedModel:
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from engines.lean_decode import fuse_projections
+
     started = time.perf_counter()
     folder = base_folder(spec)
     dtype = resolve_dtype(spec)
@@ -100,6 +102,7 @@ def load_base(spec: BaseSpec) -> LoadedModel:
         raise ModelLoadFailed(f"Could not load base model '{spec.name}' from '{folder}': {exc}") from exc
     if spec.quantization == "none":
         model = cast(Any, model).to(spec.device)
+        fuse_projections(model)
     model.eval()
     model.requires_grad_(False)
     context = spec.context_length or int(getattr(model.config, "max_position_embeddings", 2048) or 2048)

@@ -21,7 +21,8 @@ from transformers import (
 
 from engines.devices import ONEDNN_MIN_ROWS_BF16, decode_kernels
 from engines.kvcache import BatchKVCache
-from engines.lean_decode import LeanDecoder, unsupported_reason
+from engines.lean_decode import LeanDecoder, fuse_projections, unsupported_reason
+from engines.loader import tensor_bytes
 from engines.multilora import LoraWeights, multilora_for
 from engines.tiny import TinyShape
 
@@ -199,3 +200,39 @@ def test_decode_kernels_restore_onednn_after_an_error() -> None:
     with pytest.raises(RuntimeError), decode_kernels(torch.bfloat16, "cpu", 2):
         raise RuntimeError("forward failed")
     assert torch.backends.mkldnn.enabled
+
+
+def test_fused_projections_keep_memory_and_logits_and_fuse_the_lean_step() -> None:
+    model = llama()
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+    bytes_before = tensor_bytes(model)
+    assert fuse_projections(model) == model.config.num_hidden_layers
+    assert tensor_bytes(model) == bytes_before
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    decoder = LeanDecoder.for_model(model)
+    assert decoder is not None
+    assert all(layer.qkv is not None and layer.gate_up is not None for layer in decoder.layers)
+    assert_steps_match(model, PROMPTS)
+
+
+def test_fused_projections_with_qkv_biases_match_transformers() -> None:
+    model = build(Qwen2Config, Qwen2ForCausalLM)
+    fuse_projections(model)
+    decoder = LeanDecoder.for_model(model)
+    assert decoder is not None and decoder.layers[0].qkv is not None
+    assert decoder.layers[0].qkv[1] is not None  # the biases are fused too
+    assert_steps_match(model, PROMPTS)
+
+
+def test_a_layer_whose_weight_was_replaced_falls_back_to_separate_projections() -> None:
+    model = llama()
+    fuse_projections(model)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    q_proj.weight = torch.nn.Parameter(q_proj.weight.detach() * 1.5, requires_grad=False)  # a merged LoRA
+    decoder = LeanDecoder.for_model(model)
+    assert decoder is not None
+    assert decoder.layers[0].qkv is None and decoder.layers[1].qkv is not None
+    assert_steps_match(model, PROMPTS)
