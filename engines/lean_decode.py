@@ -79,17 +79,13 @@ def fuse_projections(model: Any) -> int:
     """
     if unsupported_reason(model) is not None:
         return 0
-    fused = 0
+    layers = model.model.layers
     with torch.no_grad():
-        for layer in model.model.layers:
+        for layer in layers:
             attention, mlp = layer.self_attn, layer.mlp
-            for group in (
-                (attention.q_proj, attention.k_proj, attention.v_proj),
-                (mlp.gate_proj, mlp.up_proj),
-            ):
-                _fuse_group(group)
-            fused += 1
-    return fused
+            _fuse_group((attention.q_proj, attention.k_proj, attention.v_proj))
+            _fuse_group((mlp.gate_proj, mlp.up_proj))
+    return len(layers)
 
 
 def _fuse_group(layers: tuple[torch.nn.Linear, ...]) -> None:

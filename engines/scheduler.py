@@ -19,6 +19,7 @@ import functools
 import inspect
 import logging
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -113,6 +114,9 @@ class Scheduler:
     ) -> None:
         self.threads = threads
         self.lean_decode = lean_decode
+        # One lean step per model object, built on its first batch rather than on every batch (a batch
+        # ends whenever its model goes idle); weak keys, so an evicted model takes its entry with it.
+        self._decoders: weakref.WeakKeyDictionary[Any, LeanDecoder | None] = weakref.WeakKeyDictionary()
         self.max_active = max_active
         self.prefix_cache_bytes = prefix_cache_bytes
         self.max_waiting = max_waiting
@@ -259,7 +263,7 @@ class Scheduler:
             batch = self._batches[key] = _ModelBatch(
                 loaded=sequence.model,
                 cache_key=cache_kwarg(model),
-                decoder=LeanDecoder.for_model(model) if self.lean_decode else None,
+                decoder=self._decoder_for(model),
             )
         if batch.kv is None:
             batch.kv = batch.new_cache()
@@ -310,6 +314,13 @@ class Scheduler:
         self.stats.steps += 1
         self.stats.last_batch_size = len(batch.rows)
         self._drop_finished(batch)
+
+    def _decoder_for(self, model: Any) -> LeanDecoder | None:
+        if not self.lean_decode:
+            return None
+        if model not in self._decoders:
+            self._decoders[model] = LeanDecoder.for_model(model)
+        return self._decoders[model]
 
     @staticmethod
     def _forward_one(batch: _ModelBatch, kv: BatchKVCache, ids: Any, positions: Any) -> Any:

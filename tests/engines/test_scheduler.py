@@ -19,14 +19,17 @@ GREEDY = SamplingParams(temperature=0)
 PROMPTS = ["a", "hello there, general", "xyz" * 9, "The quick brown fox jumps over", "0123456789" * 3]
 
 
-@pytest.fixture
-def engine(tiny_models: TinyModels) -> Iterator[Engine]:
-    catalog = Catalog(
+def tiny_catalog(tiny_models: TinyModels) -> Catalog:
+    return Catalog(
         bases=(BaseSpec(name="tiny", source=str(tiny_models.base), dtype="float32", context_length=256),),
         adapters=(AdapterSpec(alias="lora", source=str(tiny_models.adapter), base="tiny"),),
         policy=AdapterPolicy(adapter_dirs=(tiny_models.adapter_dirs,), base_match="warn"),
     )
-    engine = Engine(catalog, EngineLimits(max_batch=8, max_waiting=16))
+
+
+@pytest.fixture
+def engine(tiny_models: TinyModels) -> Iterator[Engine]:
+    engine = Engine(tiny_catalog(tiny_models), EngineLimits(max_batch=8, max_waiting=16))
     yield engine
     engine.close()
 
@@ -186,12 +189,7 @@ def test_lean_decode_gives_the_answers_of_the_transformers_forward(
     monkeypatch.setattr(LeanDecoder, "step", counting_step)
 
     def answers(lean: bool) -> list[str]:
-        catalog = Catalog(
-            bases=(BaseSpec(name="tiny", source=str(tiny_models.base), dtype="float32", context_length=256),),
-            adapters=(AdapterSpec(alias="lora", source=str(tiny_models.adapter), base="tiny"),),
-            policy=AdapterPolicy(adapter_dirs=(tiny_models.adapter_dirs,), base_match="warn"),
-        )
-        engine = Engine(catalog, EngineLimits(max_batch=8, lean_decode=lean))
+        engine = Engine(tiny_catalog(tiny_models), EngineLimits(max_batch=8, lean_decode=lean))
         try:
 
             async def scenario() -> list[str]:
@@ -203,7 +201,27 @@ def test_lean_decode_gives_the_answers_of_the_transformers_forward(
             engine.close()
 
     with_lean = answers(lean=True)
-    assert max(lean_steps) > 1  # rows of both models batched through the lean step
+    assert max(lean_steps) > 1  # several rows went through the lean step in one batch
     steps_taken = len(lean_steps)
     assert with_lean == answers(lean=False)
     assert len(lean_steps) == steps_taken
+
+
+def test_the_lean_step_is_built_once_per_model_not_per_batch(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built = []
+    real_for_model = LeanDecoder.for_model.__func__  # type: ignore[attr-defined]
+
+    def counting_for_model(cls: type[LeanDecoder], model: Any) -> LeanDecoder | None:
+        built.append(model)
+        return real_for_model(cls, model)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(LeanDecoder, "for_model", classmethod(counting_for_model))
+
+    async def scenario() -> None:
+        for prompt in PROMPTS[:3]:  # one after another: each request gets a new batch
+            await generate(engine, "tiny", prompt)
+
+    asyncio.run(scenario())
+    assert len(built) == 1
