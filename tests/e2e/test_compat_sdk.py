@@ -219,11 +219,16 @@ def test_async_with_raw_response(tiny_server: RunningServer) -> None:
 # ---------------------------------------------------------------------------------------------- curl -N
 
 
-def curl_sse(server: RunningServer, path: str, body: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
-    """POST with ``curl -sN`` (no buffering); the response headers and the raw ``data:`` payloads."""
+def curl_or_skip() -> str:
     curl = shutil.which("curl")
     if curl is None:
         pytest.skip("curl is not installed")
+    return curl
+
+
+def curl_sse(server: RunningServer, path: str, body: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
+    """POST with ``curl -sN`` (no buffering); the response headers and the raw ``data:`` payloads."""
+    curl = curl_or_skip()
     done = subprocess.run(
         [
             curl,
@@ -351,9 +356,7 @@ def test_curl_stream_with_n_and_no_usage(tiny_server: RunningServer) -> None:
 
 
 def test_curl_error_is_plain_json_not_sse(tiny_server: RunningServer) -> None:
-    curl = shutil.which("curl")
-    if curl is None:
-        pytest.skip("curl is not installed")
+    curl = curl_or_skip()
     done = subprocess.run(
         [
             curl,
