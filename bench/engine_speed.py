@@ -106,19 +106,10 @@ def compiled_rows(base: Path, dtype: str, steps: int = 40) -> list[Row]:
     model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype)).eval()
     decoder = LeanDecoder.for_model(model)
     assert decoder is not None
-    config = model.config
     compiled = torch.compile(decoder.forward, dynamic=True)
 
     def decode(forward: Any, count: int) -> float:
-        kv = BatchKVCache(
-            layers=config.num_hidden_layers,
-            kv_heads=config.num_key_value_heads,
-            head_dim=config.hidden_size // config.num_attention_heads,
-            dtype=model.dtype,
-            device="cpu",
-            rows=1,
-            columns=1000,
-        )
+        kv = BatchKVCache.for_model(model, rows=1, columns=1000)
         prefill = DynamicCache()
         model(input_ids=torch.arange(40).unsqueeze(0) + 100, cache=prefill, use_cache=True)
         kv.add_row(prefill)

@@ -77,6 +77,25 @@ class BatchKVCache(Cache):
         self.values = [self._empty(rows, columns) for _ in range(layers)]
         super().__init__(layers=[_SlotLayer(self, i) for i in range(layers)])
 
+    @classmethod
+    def for_model(
+        cls, model: Any, *, rows: int = 4, columns: int = 256, max_columns: int = 1 << 30
+    ) -> BatchKVCache:
+        """Buffers shaped for ``model``'s layers and KV heads, in its dtype and on its device."""
+        config = model.config
+        heads = int(config.num_attention_heads)
+        parameter = next(model.parameters())
+        return cls(
+            layers=int(config.num_hidden_layers),
+            kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+            head_dim=int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+            dtype=parameter.dtype,
+            device=parameter.device,
+            rows=rows,
+            columns=columns,
+            max_columns=max_columns,
+        )
+
     def _empty(self, rows: int, columns: int) -> torch.Tensor:
         return torch.zeros(
             rows, self._shape[0], columns, self._shape[1], dtype=self._dtype, device=self._device

@@ -83,20 +83,7 @@ class _ModelBatch:
     rows: list[Sequence] = field(default_factory=list)
 
     def new_cache(self) -> BatchKVCache:
-        config = self.loaded.model.config
-        heads = int(config.num_attention_heads)
-        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-        parameter = next(self.loaded.model.parameters())
-        return BatchKVCache(
-            layers=int(config.num_hidden_layers),
-            kv_heads=int(getattr(config, "num_key_value_heads", None) or heads),
-            head_dim=head_dim,
-            dtype=parameter.dtype,
-            device=parameter.device,
-            rows=4,
-            columns=256,
-            max_columns=self.loaded.context_length + 1,
-        )
+        return BatchKVCache.for_model(self.loaded.model, max_columns=self.loaded.context_length + 1)
 
 
 class Scheduler:

@@ -45,16 +45,7 @@ def llama(**extra: Any) -> Any:
 
 def filled_cache(model: Any, prompts: list[list[int]]) -> BatchKVCache:
     """A batch cache holding ``prompts`` prefilled by transformers, rows left-padded to one column."""
-    config = model.config
-    kv = BatchKVCache(
-        layers=config.num_hidden_layers,
-        kv_heads=config.num_key_value_heads,
-        head_dim=config.hidden_size // config.num_attention_heads,
-        dtype=next(model.parameters()).dtype,
-        device="cpu",
-        rows=2,
-        columns=8,
-    )
+    kv = BatchKVCache.for_model(model, rows=2, columns=8)
     for prompt in prompts:
         prefill = DynamicCache()
         model(input_ids=torch.tensor([prompt]), past_key_values=prefill, use_cache=True)
