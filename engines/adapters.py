@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -17,6 +18,7 @@ from engines import hub
 from engines.catalog import AdapterPolicy, AdapterSpec, BaseSpec, Catalog
 from engines.errors import AdapterRejected, InvalidModelName, ModelNotFound
 from engines.names import is_hub_id, looks_like_path
+from engines.pickle_weights import safetensors_copy
 
 log = logging.getLogger("peft_gateway.adapters")
 
@@ -48,6 +50,7 @@ class AdapterFiles:
     ref: AdapterRef
     folder: Path
     config: dict[str, Any]
+    #: Always safetensors: a pickle-only adapter's weights are read once, safely, and converted.
     weights_file: Path
 
     @property
@@ -192,13 +195,48 @@ def read_adapter_files(ref: AdapterRef, folder: Path, policy: AdapterPolicy) -> 
     elif pickle.is_file():
         if not policy.allow_pickle:
             raise AdapterRejected(
-                f"Adapter '{ref.key}' ships its weights only as pickle (adapter_model.bin), which can run "
-                "code when loaded; set allow_pickle = true in the gateway config to accept it."
+                f"Adapter '{ref.key}' ships its weights only as pickle (adapter_model.bin), and this "
+                "gateway is configured with allow_pickle = false."
             )
-        weights = pickle
+        weights = safetensors_copy(pickle, config, ref.key)
     else:
         raise AdapterRejected(f"Adapter '{ref.key}' has no adapter_model.safetensors weights file.")
     return AdapterFiles(ref=ref, folder=folder, config=config, weights_file=weights)
+
+
+def check_tensor_ranks(files: AdapterFiles, policy: AdapterPolicy) -> None:
+    """Ranks come from the tensors, not the config: both must agree and stay within ``max_rank``.
+
+    A config saying ``r = 8`` over rank-4096 matrices would otherwise pass every check, and unmerged
+    serving pads every adapter of a base to the largest rank it holds.
+    """
+    from engines.multilora import declared_rank
+    from engines.weights import CheckpointError, read_header
+
+    try:
+        tensors = read_header(files.weights_file)
+    except (OSError, CheckpointError) as exc:
+        raise AdapterRejected(f"Adapter '{files.ref.key}' has a corrupt weights file: {exc}") from exc
+    for key, stored in tensors.items():
+        match = _LORA_KEY.match(key)
+        if match is None or len(stored.shape) != 2:
+            continue
+        module, which = match.group(1), match.group(2)
+        rank = stored.shape[0] if which == "lora_A" else stored.shape[1]
+        declared = declared_rank(files.config, module)
+        if rank > policy.max_rank:
+            raise AdapterRejected(
+                f"Adapter '{files.ref.key}' has LoRA rank {rank} in '{module}', above this gateway's "
+                f"maximum of {policy.max_rank} (max_rank)."
+            )
+        if rank != declared:
+            raise AdapterRejected(
+                f"Adapter '{files.ref.key}': '{module}' {which} has rank {rank} but adapter_config.json "
+                f"declares {declared}; the config does not describe these weights."
+            )
+
+
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.*)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight$")
 
 
 def check_base_match(files: AdapterFiles, base: BaseSpec, policy: AdapterPolicy) -> None:

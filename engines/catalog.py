@@ -54,7 +54,7 @@ class AdapterPolicy:
     """Rules adapters must pass before their weights are touched."""
 
     adapter_dirs: tuple[Path, ...] = ()
-    allow_pickle: bool = False
+    allow_pickle: bool = True  # adapter_model.bin via torch's weights-only unpickler; False refuses it
     max_rank: int = 256
     base_match: str = "strict"  # "strict" refuses a mismatching base_model_name_or_path, "warn" logs it
 

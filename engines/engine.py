@@ -19,6 +19,8 @@ from engines.catalog import Catalog
 from engines.errors import ContextLengthExceeded, EngineError, InvalidGenerationRequest
 from engines.generation import ChatMessage, GenerationEvent, GenerationRequest
 from engines.hub import CachedAdapter, cached_adapters
+from engines.kv_budget import batch_bound, kv_bytes_per_token
+from engines.memory import MemoryBudgets
 from engines.names import ModelName
 from engines.pool import Lease, ModelPool
 from engines.prompts import encode_text, render_chat
@@ -75,8 +77,11 @@ class Engine:
     def __init__(self, catalog: Catalog, limits: EngineLimits = EngineLimits()) -> None:
         self.created = int(time.time())
         self._cached_scan: tuple[float, list[CachedAdapter]] | None = None
-        self.pool = ModelPool(catalog, max_bytes=limits.max_memory_bytes, max_models=limits.max_models)
+        self.budgets = MemoryBudgets(configured=limits.max_memory_bytes)
+        self.budgets.for_device("cpu")  # measured (and logged) now, before anything is loaded
+        self.pool = ModelPool(catalog, budgets=self.budgets, max_models=limits.max_models)
         self.scheduler = Scheduler(
+            budgets=self.budgets,
             max_active=limits.max_batch,
             max_waiting=limits.max_waiting,
             prefill_chunk=limits.prefill_chunk,
@@ -261,6 +266,25 @@ class Engine:
             request_id=request_id,
         )
 
+    def _make_kv_room(self, lease: Lease, request: GenerationRequest) -> None:
+        """Evict idle models if this request's KV cache, alone, would not fit the free budget.
+
+        The engine thread makes the exact decision at admission (it knows what else is running); this
+        only frees what the event loop's pool can free, which the engine thread cannot.
+        """
+        loaded = lease.loaded
+        budget = self.budgets.for_device(loaded.device)
+        if budget.unlimited:
+            return
+        per_token = kv_bytes_per_token(loaded.model)
+        layers = int(getattr(loaded.model.config, "num_hidden_layers", 1) or 1)
+        max_columns = loaded.context_length + 1
+        longest = min(len(request.prompt_ids) + request.max_tokens + 1, max_columns)
+        need = batch_bound(per_token, layers, 1, longest, max_columns)
+        need += per_token * len(request.prompt_ids) + self.scheduler.prefix_cache_bytes
+        if need > budget.free:
+            self.pool.evict_for(loaded.device, need)
+
     async def generate(
         self, lease: Lease, request: GenerationRequest
     ) -> AsyncGenerator[GenerationEvent, None]:
@@ -275,6 +299,7 @@ class Engine:
         started = time.perf_counter()
         first: float | None = None
         last: GenerationEvent | None = None
+        self._make_kv_room(lease, request)
         self.scheduler.submit(sequence)
         try:
             while True:

@@ -82,6 +82,16 @@ class Overloaded(EngineError):
 
     code = "overloaded"
 
-    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+    def __init__(self, message: str, *, retry_after: int | None = 1) -> None:
         super().__init__(message)
+        #: ``None``: retrying cannot help (the need exceeds the whole budget); clients are told not to.
         self.retry_after = retry_after
+
+
+class InsufficientMemory(Overloaded):
+    """The work needs more memory than the budget could ever give it: 503 that says what to change."""
+
+    code = "insufficient_memory"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, retry_after=None)

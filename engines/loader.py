@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -47,15 +48,66 @@ class LoadedModel:
     #: Unmerged multi-adapter serving: the base's registry and this model's slot in it (0: no adapter).
     multilora: Any = None
     adapter_slot: int = 0
+    #: Why this dtype was chosen (``dtype = "auto"`` weighs speed against the memory budget).
+    dtype_reason: str = ""
+    #: For an adapter variant: "merged" or "unmerged", and why (a merged copy must fit the budget).
+    serving: str | None = None
+    serving_reason: str = ""
 
 
-def resolve_dtype(spec: BaseSpec) -> Any:
-    """The torch dtype for ``spec.dtype``; ``auto`` means bf16 where the device has it natively."""
+@dataclass(frozen=True)
+class BasePlan:
+    """What loading a base will take, decided before any weight is read."""
+
+    folder: Path
+    dtype: str
+    dtype_reason: str
+    #: Bytes the weights hold once loaded in ``dtype``.
+    resident_bytes: int
+    #: The most the load holds at once: the weights plus one tensor's cast temporary.
+    peak_bytes: int
+
+
+def plan_base_load(spec: BaseSpec, room: int | None) -> BasePlan:
+    """Find the base's files and choose its dtype for ``room`` bytes of budget (``None``: unlimited).
+
+    ``auto`` picks float32 only where it is faster here (no native bf16 on this CPU) *and* fits with
+    room to serve (a full-context KV cache and 10% beside the weights); otherwise the checkpoint's own
+    half precision (bf16 for a float32 checkpoint). The reason is kept for the log and ``/v1/models``.
+    """
+    folder = base_folder(spec)
+    try:
+        facts = checkpoint_facts(folder)
+    except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
+        raise ModelLoadFailed(f"Could not read the weights of base model '{spec.name}': {exc}") from exc
+    half = facts.stored_dtype if facts.stored_dtype in ("bfloat16", "float16") else "bfloat16"
+    if spec.dtype != "auto":
+        name, reason = spec.dtype, "configured"
+    elif spec.device.startswith("cuda"):
+        name = auto_dtype_name(spec.device)
+        reason = f"{name} is native on {spec.device}"
+    elif auto_dtype_name(spec.device) == "bfloat16":
+        name, reason = "bfloat16", "this CPU has native bf16 (avx512_bf16/amx_bf16)"
+    else:
+        fp32_bytes = facts.parameters * 4
+        serving = fp32_bytes // 10 + facts.kv_bytes_per_token(4) * (spec.context_length or facts.context)
+        if room is None or fp32_bytes + serving <= room:
+            name, reason = "float32", "no native bf16 on this CPU, and float32 fits the memory budget"
+        else:
+            name = half
+            reason = (
+                f"float32 would need {fp32_bytes / 2**30:.1f} GiB plus {serving / 2**30:.1f} GiB to serve, "
+                f"more than the {room / 2**30:.1f} GiB budget free: using the checkpoint's {half}"
+            )
+    element = _DTYPE_BYTES[name]
+    resident = facts.parameters * element
+    transient = facts.largest_tensor * max(element, _DTYPE_BYTES.get(facts.stored_dtype, 4))
+    return BasePlan(folder, name, reason, resident, resident + transient)
+
+
+def torch_dtype(name: str) -> Any:
     import torch
 
-    name = spec.dtype if spec.dtype != "auto" else auto_dtype_name(spec.device)
-    if spec.dtype == "auto":
-        log.info("dtype auto for %s on %s: %s", spec.name, spec.device, name)
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -75,16 +127,22 @@ def base_folder(spec: BaseSpec) -> Path:
     )
 
 
-def load_base(spec: BaseSpec) -> LoadedModel:
-    """Load tokenizer and weights of a configured base; safetensors are preferred over pickle."""
+def load_base(spec: BaseSpec, plan: BasePlan | None = None) -> LoadedModel:
+    """Load tokenizer and weights of a configured base; safetensors are preferred over pickle.
+
+    ``plan`` (from ``plan_base_load``) carries the dtype chosen against the memory budget.
+    """
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from engines.lean_decode import fuse_projections
+    from engines.weights import load_streaming
 
     started = time.perf_counter()
-    folder = base_folder(spec)
-    dtype = resolve_dtype(spec)
+    plan = plan or plan_base_load(spec, None)
+    folder = plan.folder
+    dtype = torch_dtype(plan.dtype)
+    log.info("loading %s as %s: %s", spec.name, plan.dtype, plan.dtype_reason)
     has_safetensors = any(folder.glob("*.safetensors"))
     kwargs: dict[str, Any] = {
         "dtype": dtype,
@@ -96,9 +154,15 @@ def load_base(spec: BaseSpec) -> LoadedModel:
         kwargs["device_map"] = spec.device
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        model = None
+        if spec.quantization == "none":
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
+            model = load_streaming(folder, config, dtype, spec.device, spec.trust_remote_code)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, RuntimeError, ImportError, KeyError, SafetensorError) as exc:
-        # SafetensorError (a corrupt or truncated .safetensors file) derives from none of the others.
+        # SafetensorError (a corrupt or truncated .safetensors file) derives from none of the others;
+        # CheckpointError (engines.weights) is a ValueError.
         raise ModelLoadFailed(f"Could not load base model '{spec.name}' from '{folder}': {exc}") from exc
     if spec.quantization == "none":
         model = cast(Any, model).to(spec.device)
@@ -118,6 +182,7 @@ def load_base(spec: BaseSpec) -> LoadedModel:
         load_seconds=time.perf_counter() - started,
         root=spec.source,
         sampling_defaults=read_sampling_defaults(folder),
+        dtype_reason=plan.dtype_reason,
     )
     log.info(
         "loaded base %s (%s, %s, %.1f MiB) in %.2fs",
@@ -221,17 +286,15 @@ def check_adapter_fits(files: AdapterFiles, base: LoadedModel) -> None:
                 f"Adapter '{files.ref.key}' targets modules {missing} that base '{base.name}' does not "
                 f"have (it has e.g. {sorted(leaf_names)[:12]})."
             )
-    if files.weights_file.suffix == ".safetensors":
-        _check_shapes(files, base, modules)
+    _check_shapes(files, base, modules)
 
 
 def _check_shapes(files: AdapterFiles, base: LoadedModel, modules: dict[str, Any]) -> None:
-    from safetensors import safe_open
+    from engines.weights import CheckpointError, read_header
 
     try:
-        with safe_open(str(files.weights_file), framework="pt") as handle:
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        shapes = {key: stored.shape for key, stored in read_header(files.weights_file).items()}
+    except (OSError, CheckpointError) as exc:
         raise AdapterRejected(f"Adapter '{files.ref.key}' has a corrupt weights file: {exc}") from exc
     for key, shape in shapes.items():
         match = re.match(r"^(?:base_model\.model\.)?(.*)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight$", key)
@@ -256,45 +319,59 @@ def _check_shapes(files: AdapterFiles, base: LoadedModel, modules: dict[str, Any
             )
 
 
+def merges_layer_by_layer(files: AdapterFiles) -> bool:
+    """Whether the engine's own merge handles this adapter (plain LoRA on linear layers).
+
+    The rest (trained biases, modules_to_save, fan_in_fan_out, layer filters) goes through peft.
+    """
+    from engines.multilora import unsupported_reason
+
+    config = files.config
+    filters = ("layers_to_transform", "layers_pattern", "exclude_modules")
+    return unsupported_reason(config) is None and not any(config.get(key) for key in filters)
+
+
+def targeted_linears(model: Any, files: AdapterFiles) -> dict[str, Any]:
+    """The linear layers of ``model`` that the adapter's ``target_modules`` name, by module path."""
+    import torch
+
+    targets = files.target_modules
+    found: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(targets, str):
+            hit = re.fullmatch(targets, name) is not None
+        elif "all-linear" in targets:
+            hit = leaf != "lm_head"
+        else:
+            hit = leaf in targets or name in targets or any(name.endswith(f".{t}") for t in targets)
+        if hit:
+            found[name] = module
+    return found
+
+
 def build_variant(base: LoadedModel, files: AdapterFiles, name: str) -> LoadedModel:
     """Merge ``files`` into a shallow clone of ``base``; only targeted weights get new memory."""
-    import torch
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-
     started = time.perf_counter()
-    clone = shallow_clone(base.model)
-    target_dtype = next(base.model.parameters()).dtype
     try:
-        peft_model = PeftModel.from_pretrained(clone, str(files.folder), is_trainable=False)
-        _check_weights_complete(files, peft_model)
-        replaced: list[Any] = []
-        for module in peft_model.modules():
-            if isinstance(module, LoraLayer):
-                layer: Any = module.get_base_layer()
-                # Give the targeted layer its own fp32 copy, so the in-place merge neither touches the
-                # shared base tensor nor loses precision to bf16 rounding of the delta.
-                layer.weight = torch.nn.Parameter(
-                    layer.weight.detach().to(torch.float32, copy=True), requires_grad=False
-                )
-                replaced.append(layer)
-        merged = peft_model.merge_and_unload()
-        for layer in replaced:
-            layer.weight = torch.nn.Parameter(layer.weight.detach().to(target_dtype), requires_grad=False)
+        if merges_layer_by_layer(files):
+            merged = _merge_layer_by_layer(base, files)
+        else:
+            merged = _merge_with_peft(base, files)
     except AdapterRejected:
         raise
     except Exception as exc:
-        # The files are untrusted input: safetensors and torch's weights-only unpickler raise many types
-        # (SafetensorError, UnpicklingError, IndexError, EOFError...) for a corrupt file.
+        # The files are untrusted input: safetensors raises its own error types for a corrupt file.
         log.warning("merging adapter %s failed", files.ref.key, exc_info=True)
         raise AdapterRejected(f"Adapter '{files.ref.key}' could not be merged: {exc}") from exc
     merged.eval()
     merged.requires_grad_(False)
-    tokenizer = adapter_tokenizer(files.folder, base.tokenizer)
     variant = LoadedModel(
         name=name,
         model=merged,
-        tokenizer=tokenizer,
+        tokenizer=adapter_tokenizer(files.folder, base.tokenizer),
         dtype=base.dtype,
         device=base.device,
         context_length=base.context_length,
@@ -304,6 +381,8 @@ def build_variant(base: LoadedModel, files: AdapterFiles, name: str) -> LoadedMo
         load_seconds=time.perf_counter() - started,
         parent=base.name,
         root=files.ref.source,
+        dtype_reason=base.dtype_reason,
+        serving="merged",
     )
     log.info(
         "merged adapter %s into %s (+%.1f MiB, %.2fs)",
@@ -315,20 +394,76 @@ def build_variant(base: LoadedModel, files: AdapterFiles, name: str) -> LoadedMo
     return variant
 
 
+def _merge_layer_by_layer(base: LoadedModel, files: AdapterFiles) -> Any:
+    """W' = W + scale * B @ A for each targeted layer in turn, in fp32, cast once into a new tensor.
+
+    The peak beyond the variant's own new weights is one layer's fp32 temporary, so an all-projection
+    adapter on a 7B base needs 180 MB to merge, not a float32 copy of every targeted layer at once.
+    """
+    import torch
+
+    from engines.multilora import load_lora_weights
+
+    clone = shallow_clone(base.model)
+    layers = targeted_linears(clone, files)
+    device = next(base.model.parameters()).device
+    weights = load_lora_weights(files.weights_file, files.config, torch.float32, "cpu")
+    missing = sorted(set(layers) - set(weights.modules))
+    if missing:
+        raise AdapterRejected(
+            f"Adapter '{files.ref.key}' targets {len(missing)} layers its weights file does not hold "
+            f"(e.g. {missing[:3]}): the file is incomplete or was saved for a different model."
+        )
+    with torch.no_grad():
+        for module_name, (a, b) in weights.modules.items():
+            layer = layers.get(module_name)
+            if layer is None:
+                raise AdapterRejected(
+                    f"Adapter '{files.ref.key}' has weights for '{module_name}', which is not a layer it "
+                    "targets in this base."
+                )
+            dtype = layer.weight.dtype
+            merged = layer.weight.detach().to(torch.float32, copy=True)
+            merged.addmm_(b.to(device), a.to(device))
+            layer.weight = torch.nn.Parameter(merged.to(dtype), requires_grad=False)
+            del merged
+    return clone
+
+
+def _merge_with_peft(base: LoadedModel, files: AdapterFiles) -> Any:
+    """peft's own merge for adapters with trained biases, saved modules or layer filters."""
+    import torch
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    clone = shallow_clone(base.model)
+    target_dtype = next(base.model.parameters()).dtype
+    peft_model = PeftModel.from_pretrained(clone, str(files.weights_file.parent), is_trainable=False)
+    _check_weights_complete(files, peft_model)
+    replaced: list[Any] = []
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            layer: Any = module.get_base_layer()
+            # Give the targeted layer its own fp32 copy, so the in-place merge neither touches the
+            # shared base tensor nor loses precision to bf16 rounding of the delta.
+            layer.weight = torch.nn.Parameter(
+                layer.weight.detach().to(torch.float32, copy=True), requires_grad=False
+            )
+            replaced.append(layer)
+    merged = peft_model.merge_and_unload()
+    for layer in replaced:
+        layer.weight = torch.nn.Parameter(layer.weight.detach().to(target_dtype), requires_grad=False)
+    return merged
+
+
 _SAVED_LORA_KEY_RE = re.compile(r"^base_model\.model\.(.*)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight$")
 
 
 def _saved_lora_matrices(weights_file: Path) -> set[tuple[str, str]]:
     """``(module path, "lora_A" | "lora_B")`` for every LoRA matrix the weights file holds."""
-    if weights_file.suffix == ".safetensors":
-        from safetensors import safe_open
+    from engines.weights import read_header
 
-        with safe_open(str(weights_file), framework="pt") as handle:
-            keys = list(handle.keys())
-    else:
-        import torch
-
-        keys = list(torch.load(weights_file, map_location="meta", weights_only=True))
+    keys = list(read_header(weights_file))
     matches = (_SAVED_LORA_KEY_RE.match(key) for key in keys)
     return {(match.group(1), match.group(2)) for match in matches if match}
 
@@ -379,42 +514,63 @@ def adapter_tokenizer(folder: Path, base_tokenizer: Any) -> Any:
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
-def estimate_base_bytes(spec: BaseSpec) -> int:
-    """Bytes a base will take once loaded, from its weight files (0 when not on disk yet).
+@dataclass(frozen=True)
+class CheckpointFacts:
+    """What a checkpoint's files say about its size, read without loading a weight."""
 
-    Used to make room, or refuse with 503, before loading instead of after: a model that cannot fit must
-    not be read into memory first.
-    """
+    parameters: int
+    largest_tensor: int  # elements
+    stored_dtype: str
+    layers: int
+    kv_width: int  # key (or value) elements per token per layer
+    context: int
+
+    def kv_bytes_per_token(self, element: int) -> int:
+        return 2 * self.layers * self.kv_width * element
+
+
+def checkpoint_facts(folder: Path) -> CheckpointFacts:
+    """Parameter count from the safetensors headers (or the size of pickle files), and the config."""
     import json
 
-    folder = Path(spec.source).expanduser()
-    if not folder.is_dir():
-        return 0
-    files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
-    size = sum(path.stat().st_size for path in files)
+    from engines.weights import checkpoint_tensors
+
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        stored = _DTYPE_BYTES.get(str(config.get("torch_dtype") or config.get("dtype") or "float32"), 4)
     except (OSError, ValueError):
-        stored = 4
-    target = _DTYPE_BYTES.get(dtype_name(resolve_dtype(spec)), 4)
-    return size * target // stored
+        config = {}
+    config = config if isinstance(config, dict) else {}
+    nested = config.get("text_config")
+    text: dict[str, Any] = nested if isinstance(nested, dict) else config
+    stored = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    stored = stored if stored in _DTYPE_BYTES else "float32"
+    tensors = checkpoint_tensors(folder)
+    if tensors:
+        sizes = [math.prod(t.shape) for t in tensors.values()]
+    else:
+        files = list(folder.glob("*.bin")) + list(folder.glob("*.pt"))
+        sizes = [path.stat().st_size // _DTYPE_BYTES[stored] for path in files]
+    heads = int(text.get("num_attention_heads") or 1)
+    hidden = int(text.get("hidden_size") or 0)
+    head_dim = int(text.get("head_dim") or (hidden // heads if heads else 0))
+    return CheckpointFacts(
+        parameters=sum(sizes),
+        largest_tensor=max(sizes, default=0),
+        stored_dtype=stored,
+        layers=int(text.get("num_hidden_layers") or 0),
+        kv_width=int(text.get("num_key_value_heads") or heads) * head_dim,
+        context=int(text.get("max_position_embeddings") or 2048),
+    )
 
 
-def estimate_variant_bytes(files: AdapterFiles, base: LoadedModel, *, unmerged: bool) -> int:
-    """Bytes a variant adds: its own LoRA weights when unmerged, else a copy of every targeted weight."""
-    if unmerged:
-        return files.weights_file.stat().st_size
-    targets = files.target_modules
-    total = 0
-    for name, module in base.model.named_modules():
-        weight = getattr(module, "weight", None)
-        if weight is None or not hasattr(weight, "element_size"):
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        hit = (
-            re.fullmatch(targets, name) if isinstance(targets, str) else (leaf in targets or name in targets)
-        )
-        if hit:
-            total += weight.numel() * weight.element_size()
-    return total
+def estimate_merge_bytes(files: AdapterFiles, base: LoadedModel) -> int:
+    """Bytes a merged variant adds (a new copy of every targeted weight) plus its merge's peak.
+
+    The engine's own merge works one layer at a time (one fp32 temporary); peft's merge, used for the
+    adapters the engine does not merge itself, makes fp32 copies of every targeted layer at once.
+    """
+    layers = targeted_linears(base.model, files)
+    sizes = [layer.weight.numel() for layer in layers.values()]
+    own = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers.values())
+    temporary = 4 * (max(sizes, default=0) if merges_layer_by_layer(files) else sum(sizes))
+    return own + temporary

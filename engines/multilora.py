@@ -62,6 +62,11 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
+def declared_rank(config: dict[str, Any], module: str) -> int:
+    """The rank ``adapter_config.json`` gives ``module`` (``rank_pattern`` first, then ``r``)."""
+    return int(_pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 0)))
+
+
 def load_lora_weights(
     weights_file: Path, config: dict[str, Any], dtype: torch.dtype, device: Any
 ) -> LoraWeights:
@@ -138,6 +143,35 @@ class MultiLora:
     @property
     def adapters(self) -> int:
         return len(self._slots)
+
+    @property
+    def nbytes(self) -> int:
+        """What the stacks hold, every slot padded to the largest rank: what the budget must count."""
+        return sum(stack.a.nbytes + stack.b.nbytes for stack in self._stacks.values())
+
+    def added_bytes(self, config: dict[str, Any], weights_file: Path) -> int:
+        """How much registering this adapter would grow the stacks (its slot, and any re-padding)."""
+        from engines.weights import read_header
+
+        ranks: dict[str, int] = {}
+        for key, stored in read_header(weights_file).items():
+            match = _KEY.match(key)
+            if match and match.group(2) == "lora_A" and len(stored.shape) == 2:
+                ranks[match.group(1)] = stored.shape[0]
+        slots = (self._next + 1) if not self._free else self._next
+        total = 0
+        modules = set(self._stacks) | set(ranks)
+        for module in modules:
+            layer = self._modules.get(module)
+            if not isinstance(layer, torch.nn.Linear):
+                continue
+            stack = self._stacks.get(module)
+            rank = max(stack.rank if stack else 0, ranks.get(module, 0))
+            element = layer.weight.element_size()
+            total += max(slots, stack.a.shape[0] if stack else 0) * rank * (
+                layer.in_features + layer.out_features
+            ) * element
+        return max(0, total - self.nbytes)
 
     def add(self, key: str, weights: LoraWeights) -> int:
         """Register an adapter; returns its slot (rows use it to select the adapter)."""

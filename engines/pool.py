@@ -17,21 +17,24 @@ from engines.adapters import (
     AdapterFiles,
     AdapterRef,
     check_base_match,
+    check_tensor_ranks,
     fetch_adapter,
     read_adapter_files,
     resolve_adapter_ref,
 )
 from engines.catalog import BaseSpec, Catalog
-from engines.errors import AdapterRejected, Overloaded
+from engines.errors import AdapterRejected, InsufficientMemory, Overloaded
 from engines.loader import (
+    BasePlan,
     LoadedModel,
     adapter_tokenizer,
     build_variant,
     check_adapter_fits,
-    estimate_base_bytes,
-    estimate_variant_bytes,
+    estimate_merge_bytes,
     load_base,
+    plan_base_load,
 )
+from engines.memory import MemoryBudgets, mib
 from engines.multilora import load_lora_weights, multilora_for, unsupported_reason
 from engines.names import ModelName
 from engines.threads import run_on_own_thread
@@ -41,20 +44,22 @@ log = logging.getLogger("peft_gateway.pool")
 MERGED_SUFFIX = "#merged"
 
 
-def attach_unmerged(base: LoadedModel, files: AdapterFiles, model_id: str) -> LoadedModel:
+def attach_unmerged(base: LoadedModel, files: AdapterFiles, model_id: str, reason: str) -> LoadedModel:
     """Register the adapter on the base's multi-LoRA hooks; the result shares the base model object."""
     started = time.perf_counter()
     parameter = next(base.model.parameters())
     weights = load_lora_weights(files.weights_file, files.config, parameter.dtype, parameter.device)
     registry = multilora_for(base.model)
     base.multilora = registry
+    held_before = registry.nbytes
     slot = registry.add(files.ref.key, weights)
     log.info(
-        "attached adapter %s to %s unmerged (slot %d, %.1f MiB)",
+        "attached adapter %s to %s unmerged (slot %d, %.1f MiB): %s",
         files.ref.key,
         base.name,
         slot,
-        weights.nbytes / 2**20,
+        (registry.nbytes - held_before) / 2**20,
+        reason,
     )
     return LoadedModel(
         name=model_id,
@@ -65,12 +70,15 @@ def attach_unmerged(base: LoadedModel, files: AdapterFiles, model_id: str) -> Lo
         context_length=base.context_length,
         eos_token_ids=base.eos_token_ids,
         sampling_defaults=base.sampling_defaults,
-        nbytes=weights.nbytes,
+        nbytes=registry.nbytes - held_before,
         load_seconds=time.perf_counter() - started,
         parent=base.name,
         root=files.ref.source,
         multilora=registry,
         adapter_slot=slot,
+        dtype_reason=base.dtype_reason,
+        serving="unmerged",
+        serving_reason=reason,
     )
 
 
@@ -128,7 +136,15 @@ class Lease:
 
 
 class ModelPool:
-    """Holds loaded models by key. Bases are keyed by name, variants by ``base+adapter-source@rev``."""
+    """Holds loaded models by key. Bases are keyed by name, variants by ``base+adapter-source@rev``.
+
+    Every load is checked against the memory budget of its device before it starts: idle entries are
+    evicted (least recently used first) when that makes room, and otherwise the request is refused with
+    what it needs, what is free and what to change, while everything loaded keeps serving.
+    """
+
+    #: How often a request retries when the entry it waited for was evicted before it could lease it.
+    LEASE_ATTEMPTS = 8
 
     def __init__(
         self,
@@ -136,7 +152,8 @@ class ModelPool:
         *,
         max_bytes: int | None = None,
         max_models: int | None = None,
-        base_loader: Callable[[BaseSpec], LoadedModel] = load_base,
+        budgets: MemoryBudgets | None = None,
+        base_loader: Callable[[BaseSpec, BasePlan], LoadedModel] = load_base,
         merge_after: int = 16,
         max_merged_per_base: int = 2,
     ) -> None:
@@ -145,7 +162,7 @@ class ModelPool:
         self._adapter_requests: dict[str, int] = {}
         self._promotions: set[asyncio.Task[PoolEntry]] = set()
         self.catalog = catalog
-        self.max_bytes = max_bytes
+        self.budgets = budgets if budgets is not None else MemoryBudgets(configured=max_bytes, unlimited=True)
         self.max_models = max_models
         self.stats = PoolStats()
         self._entries: dict[str, PoolEntry] = {}
@@ -157,14 +174,48 @@ class ModelPool:
 
     @property
     def bytes_held(self) -> int:
-        return sum(entry.loaded.nbytes for entry in self._entries.values())
+        return sum(self._held(device) for device in {e.loaded.device for e in self._entries.values()})
+
+    def _held(self, device: str) -> int:
+        """Bytes the entries on ``device`` hold: own tensors, plus each base's unmerged adapter slots as
+        padded in memory (an unmerged variant's own ``nbytes`` is only its share of those)."""
+        total = 0
+        for entry in self._entries.values():
+            if entry.loaded.device != device:
+                continue
+            if entry.loaded.adapter_slot:
+                continue
+            total += entry.loaded.nbytes
+            if entry.base_key is None and entry.loaded.multilora is not None:
+                total += entry.loaded.multilora.nbytes
+        return total
+
+    def _sync_budget(self, device: str) -> None:
+        self.budgets.for_device(device).set_weights(self._held(device))
 
     async def acquire(self, name: ModelName) -> Lease:
         """Load what ``name`` needs (once, however many ask at the same time) and hold it."""
+        for _attempt in range(self.LEASE_ATTEMPTS):
+            lease = await self._try_acquire(name)
+            if lease is not None:
+                return lease
+        raise Overloaded(
+            f"'{name.base}{'+' + name.adapter if name.adapter else ''}' was evicted {self.LEASE_ATTEMPTS} times before this request could use it: the "
+            "model cache is too small for the models in demand. Retry later or raise [cache] max_memory.",
+            retry_after=5,
+        )
+
+    async def _try_acquire(self, name: ModelName) -> Lease | None:
+        """A lease, or ``None`` when what was loaded got evicted before this request could hold it.
+
+        Between a load finishing and a waiting request resuming, other requests run and may evict the
+        fresh entry (freeing its adapter slot). Leasing therefore re-checks, with no await in between,
+        that the entry is still the pool's; a lease is never taken on an evicted entry.
+        """
         spec = self.catalog.base(name.base)
         if name.adapter is None:
-            entry = await self._get_base(spec)
-            return self._lease(entry, spec.name)
+            base_entry = await self._get_base(spec)
+            return self._lease(base_entry, spec.name) if self._live(base_entry) else None
         if spec.quantization != "none":
             raise AdapterRejected(
                 f"Base '{spec.name}' is loaded with {spec.quantization} quantization; LoRA adapters cannot "
@@ -177,45 +228,70 @@ class ModelPool:
         merged_key = variant_key + MERGED_SUFFIX
         if spec.adapter_mode == "auto" and merged_key in self._entries:
             return self._lease(self._entries[merged_key], model_id)
-        multi = spec.adapter_mode in ("multi", "auto")
         if variant_key in self._entries:
-            entry = self._entries[variant_key]
+            entry: PoolEntry | None = self._entries[variant_key]
         else:
             base = await self._get_base(spec)
+            if not self._live(base):
+                return None
             base.dependents += 1  # pin the base while its variant is being built
             try:
                 entry = await self._get(
                     variant_key,
-                    lambda: self._load_variant(spec, base, ref, model_id, multi=multi),
+                    lambda: self._load_variant(spec, base, ref, model_id),
                     base_key=spec.name,
                 )
             finally:
                 base.dependents -= 1
+        if entry is None or not self._live(entry):
+            return None
         if spec.adapter_mode == "auto" and entry.loaded.multilora is not None:
             self._count_for_promotion(spec, ref, model_id, variant_key)
         return self._lease(entry, model_id)
 
+    def _live(self, entry: PoolEntry) -> bool:
+        return self._entries.get(entry.key) is entry
+
     async def _get_base(self, spec: BaseSpec) -> PoolEntry:
         async def load() -> LoadedModel:
-            self.make_room(spec.name, await run_on_own_thread(estimate_base_bytes, spec))
-            return await run_on_own_thread(self._base_loader, spec)
+            budget = self.budgets.for_device(spec.device)
+            room = None if budget.unlimited else budget.total - budget.kv - self._held_in_use(spec.device)
+            plan = await run_on_own_thread(plan_base_load, spec, room)
+            self.make_room(spec.name, plan.peak_bytes, spec.device, what=f"as {plan.dtype}")
+            return await run_on_own_thread(self._base_loader, spec, plan)
 
         return await self._get(spec.name, load)
 
-    def make_room(self, key: str, estimate: int) -> None:
+    def _held_in_use(self, device: str) -> int:
+        """Bytes on ``device`` that eviction cannot free: entries in use and bases with variants."""
+        evictable = sum(
+            entry.loaded.nbytes
+            for entry in self._entries.values()
+            if entry.idle and entry.loaded.device == device and not entry.loaded.adapter_slot
+        )
+        return self._held(device) - evictable
+
+    def make_room(self, key: str, estimate: int, device: str = "cpu", *, what: str = "") -> None:
         """Before loading ``key``: evict idle entries until it fits the budget, or refuse with 503 now."""
-        if self.max_bytes is not None and estimate > self.max_bytes:
-            raise Overloaded(
-                f"'{key}' needs about {estimate / 2**20:.0f} MiB, more than the whole model cache "
-                f"([cache] max_memory = {self.max_bytes / 2**20:.0f} MiB).",
-                retry_after=60,
+        budget = self.budgets.for_device(device)
+        loading = f"'{key}'" + (f" {what}" if what else "")
+        if not budget.unlimited and estimate > budget.total - budget.kv:
+            raise InsufficientMemory(
+                f"Loading {loading} needs about {mib(estimate)}, more than this gateway's whole memory "
+                f"budget on {device} can give it ({budget.describe()}). Choose a smaller dtype "
+                '(dtype = "bfloat16"), serve adapters unmerged (adapter_mode = "multi"), or raise '
+                "[cache] max_memory if the machine has more free."
             )
-        if not self._enforce_budget(extra_models=1, extra_bytes=estimate):
+        if not self._enforce_budget(device, extra_models=1, extra_bytes=estimate):
             raise Overloaded(
-                f"Not enough room in the model cache for '{key}' (about {estimate / 2**20:.1f} MiB) while "
-                "other models are in use; retry later or raise [cache] max_memory / max_models.",
+                f"Not enough free memory to load {loading} (about {mib(estimate)}) while other models "
+                f"are in use ({budget.describe()}); retry later, or raise [cache] max_memory / max_models.",
                 retry_after=5,
             )
+
+    def evict_for(self, device: str, nbytes: int) -> bool:
+        """Evict idle entries until ``nbytes`` of the device's budget are free (KV caches need it)."""
+        return self._enforce_budget(device, extra_bytes=nbytes)
 
     def _count_for_promotion(self, spec: BaseSpec, ref: AdapterRef, model_id: str, variant_key: str) -> None:
         """In ``auto`` mode, a busy adapter gets a merged variant (no per-token LoRA cost) in the background."""
@@ -237,7 +313,7 @@ class ModelPool:
             try:
                 return await self._get(
                     merged_key,
-                    lambda: self._load_variant(spec, base, ref, model_id, multi=False),
+                    lambda: self._load_variant(spec, base, ref, model_id, promote=True),
                     base_key=spec.name,
                 )
             finally:
@@ -259,32 +335,55 @@ class ModelPool:
         return f"{spec.name}+{resolve_adapter_ref(self.catalog, spec, adapter, revision).key}"
 
     async def _load_variant(
-        self, spec: BaseSpec, base: PoolEntry, ref: AdapterRef, model_id: str, *, multi: bool = False
+        self, spec: BaseSpec, base: PoolEntry, ref: AdapterRef, model_id: str, *, promote: bool = False
     ) -> LoadedModel:
+        """Merge where a merged copy fits beside what is loaded; otherwise serve the adapter unmerged.
+
+        ``merge`` mode merges when the merged variant's new tensors (plus one layer's temporary) fit the
+        free budget now, without evicting anything; an all-projection adapter on a 7B base is a second
+        copy of the model and goes unmerged on the shared base instead. ``multi``/``auto`` serve
+        unmerged and merge only to promote a busy adapter, again only where it fits.
+        """
         policy = self.catalog.policy
 
-        def check() -> tuple[AdapterFiles, bool]:
+        def check() -> AdapterFiles:
             folder = fetch_adapter(ref)
             files = read_adapter_files(ref, folder, policy)
             check_base_match(files, spec, policy)
+            check_tensor_ranks(files, policy)
             check_adapter_fits(files, base.loaded)
-            unmerged = False
-            if multi:
-                reason = unsupported_reason(files.config) or (
-                    None if files.weights_file.suffix == ".safetensors" else "pickle weights"
-                )
-                unmerged = reason is None
-                if reason is not None:
-                    log.info("adapter %s uses %s: serving it merged instead of unmerged", model_id, reason)
-            return files, unmerged
+            return files
 
-        files, unmerged = await run_on_own_thread(check)
-        self.make_room(model_id, estimate_variant_bytes(files, base.loaded, unmerged=unmerged))
-        if unmerged:
-            return await run_on_own_thread(attach_unmerged, base.loaded, files, model_id)
-        return await run_on_own_thread(build_variant, base.loaded, files, model_id)
+        files = await run_on_own_thread(check)
+        device = base.loaded.device
+        budget = self.budgets.for_device(device)
+        unmergeable = unsupported_reason(files.config)
+        merge_need = estimate_merge_bytes(files, base.loaded)
+        merged_fits = budget.unlimited or merge_need <= budget.free
+        wants_merge = promote or spec.adapter_mode == "merge"
+        if wants_merge and (merged_fits or unmergeable is not None):
+            if not merged_fits and promote:
+                raise InsufficientMemory(f"A merged copy of {model_id} ({mib(merge_need)}) does not fit.")
+            self.make_room(model_id, merge_need, device, what="merged")
+            return await run_on_own_thread(build_variant, base.loaded, files, model_id)
+        if unmergeable is not None:
+            raise AdapterRejected(
+                f"Adapter '{files.ref.key}' uses {unmergeable}, which can only be served merged; "
+                f'set adapter_mode = "merge" for base \'{spec.name}\'.'
+            )
+        if spec.adapter_mode == "merge":
+            reason = (
+                f"a merged copy needs {mib(merge_need)} and the memory budget has {mib(budget.free)} free "
+                "beside what is loaded"
+            )
+        else:
+            reason = f"adapter_mode = {spec.adapter_mode!r}"
+        registry = multilora_for(base.loaded.model)
+        self.make_room(model_id, registry.added_bytes(files.config, files.weights_file), device, what="unmerged")
+        return await run_on_own_thread(attach_unmerged, base.loaded, files, model_id, reason)
 
     def _lease(self, entry: PoolEntry, model_id: str) -> Lease:
+        assert self._live(entry), "an evicted entry must never be leased"
         entry.users += 1
         entry.last_used = time.monotonic()
         return Lease(self, entry, model_id)
@@ -292,7 +391,7 @@ class ModelPool:
     def _release(self, entry: PoolEntry) -> None:
         entry.users -= 1
         entry.last_used = time.monotonic()
-        self._enforce_budget()
+        self._enforce_budget(entry.loaded.device)
 
     async def _get(
         self,
@@ -325,13 +424,14 @@ class ModelPool:
         if base_key is not None and base_key in self._entries:
             self._entries[base_key].dependents += 1
         self._entries[key] = entry
+        self._sync_budget(loaded.device)
         entry.users += 1  # protect the fresh entry from its own budget check
         try:
-            if not self._enforce_budget():
+            if not self._enforce_budget(loaded.device):
                 self._drop(entry)
                 raise Overloaded(
                     f"Not enough room in the model cache for '{key}' "
-                    f"({loaded.nbytes / 2**20:.1f} MiB) while other models are in use; retry later "
+                    f"({mib(loaded.nbytes)}) while other models are in use; retry later "
                     "or raise [cache] max_memory.",
                     retry_after=5,
                 )
@@ -339,24 +439,25 @@ class ModelPool:
             entry.users -= 1
         return entry
 
-    def _over_budget(self, extra_models: int = 0, extra_bytes: int = 0) -> bool:
+    def _over_budget(self, device: str, extra_models: int = 0, extra_bytes: int = 0) -> bool:
         if self.max_models is not None and len(self._entries) + extra_models > self.max_models:
             return True
-        return self.max_bytes is not None and self.bytes_held + extra_bytes > self.max_bytes
+        budget = self.budgets.for_device(device)
+        return not budget.unlimited and self._held(device) + extra_bytes > budget.total - budget.kv
 
-    def _enforce_budget(self, extra_models: int = 0, extra_bytes: int = 0) -> bool:
+    def _enforce_budget(self, device: str = "cpu", extra_models: int = 0, extra_bytes: int = 0) -> bool:
         """Evict idle entries, least recently used first, until the budget holds with room for the extras.
 
         Returns whether it holds: False when everything left is in use.
         """
-        while self._over_budget(extra_models, extra_bytes):
+        while self._over_budget(device, extra_models, extra_bytes):
             idle = [entry for entry in self._entries.values() if entry.idle]
             if not idle:
                 return False
             victim = min(idle, key=lambda entry: entry.last_used)
             self._drop(victim)
             PoolStats.bump(self.stats.evictions, victim.key)
-            log.info("evicted %s (%.1f MiB)", victim.key, victim.loaded.nbytes / 2**20)
+            log.info("evicted %s (%s)", victim.key, mib(victim.loaded.nbytes))
         return True
 
     def _drop(self, entry: PoolEntry) -> None:
@@ -365,6 +466,7 @@ class ModelPool:
             entry.loaded.multilora.remove(entry.loaded.adapter_slot)
         if entry.base_key is not None and entry.base_key in self._entries:
             self._entries[entry.base_key].dependents -= 1
+        self._sync_budget(entry.loaded.device)
 
     def unload(self, key: str) -> bool:
         """Drop an idle entry now; False when it is unknown or in use."""

@@ -26,14 +26,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engines.devices import decode_kernels
-from engines.errors import Overloaded
+from engines.errors import InsufficientMemory, Overloaded
+from engines.kv_budget import batch_bound, kv_bytes_per_token
 from engines.kvcache import BatchKVCache
 from engines.lean_decode import LeanDecoder
 from engines.loader import LoadedModel
+from engines.memory import MemoryBudget, MemoryBudgets, mib
 from engines.prefix_cache import PrefixCache, cache_from_prefix
 from engines.sequence import Sequence
 
 log = logging.getLogger("peft_gateway.scheduler")
+
+
+def kv_too_large(sequence: Sequence, need: int, budget: MemoryBudget) -> InsufficientMemory:
+    request = sequence.request
+    return InsufficientMemory(
+        f"This request may need {mib(need)} of KV cache ({len(request.prompt_ids)} prompt tokens plus up "
+        f"to {request.max_tokens} new ones), more than the memory budget can hold beside the loaded "
+        f"weights ({budget.describe()}). Lower max_tokens or shorten the prompt, set a smaller "
+        "context_length for this model, or raise [cache] max_memory."
+    )
 
 
 def cache_kwarg(model: Any) -> str:
@@ -83,7 +95,8 @@ class _ModelBatch:
     rows: list[Sequence] = field(default_factory=list)
 
     def new_cache(self) -> BatchKVCache:
-        return BatchKVCache.for_model(self.loaded.model, max_columns=self.loaded.context_length + 1)
+        # One row to start: rows double as sequences join, so a lone 7B stream holds one row, not four.
+        return BatchKVCache.for_model(self.loaded.model, rows=1, max_columns=self.loaded.context_length + 1)
 
 
 class Scheduler:
@@ -98,7 +111,9 @@ class Scheduler:
         prefix_cache_bytes: int = 256 * 2**20,
         threads: int = 0,
         lean_decode: bool = True,
+        budgets: MemoryBudgets | None = None,
     ) -> None:
+        self.budgets = budgets if budgets is not None else MemoryBudgets(unlimited=True)
         self.threads = threads
         self.lean_decode = lean_decode
         # One lean step per model object, built on its first batch rather than on every batch (a batch
@@ -168,12 +183,73 @@ class Scheduler:
                     if self._closed:
                         return
                     while self._waiting and self.active_count < self.max_active:
+                        if not self._admit_memory(self._waiting[0]):
+                            break
                         self._prefilling.append(self._waiting.popleft())
                 self._prefill_some()
                 for key, batch in list(self._batches.items()):
                     self._decode(batch)
                     if not batch.rows:
                         del self._batches[key]
+                self._settle_kv()
+
+    def _kv_projection(self, extra: Sequence | None = None) -> dict[str, int]:
+        """Bytes per device that every KV cache may grow to, with ``extra`` admitted too.
+
+        Batch caches are bounded by their rows and their longest row's prompt plus ``max_tokens``
+        (``engines.kv_budget``); a prefilling prompt holds its own cache until it joins; each model with
+        a prefix cache may fill it.
+        """
+        groups: dict[int, list[Sequence]] = {}
+        prefilling = [*self._prefilling, *([extra] if extra is not None else [])]
+        for sequence in prefilling:
+            groups.setdefault(id(sequence.model.model), []).append(sequence)
+        for batch in self._batches.values():
+            groups.setdefault(id(batch.loaded.model), []).extend(batch.rows)
+        totals: dict[str, int] = {}
+        for key, sequences in groups.items():
+            if not sequences:
+                continue
+            loaded = sequences[0].model
+            per_token = kv_bytes_per_token(loaded.model)
+            layers = int(getattr(loaded.model.config, "num_hidden_layers", 1) or 1)
+            max_columns = loaded.context_length + 1
+            longest = max(len(s.request.prompt_ids) + s.request.max_tokens + 1 for s in sequences)
+            rows = len(sequences)
+            existing = self._batches.get(key)
+            if existing is not None and existing.kv is not None:  # capacities never shrink while in use
+                longest = max(longest, existing.kv.column_capacity)
+                rows = max(rows, existing.kv.row_capacity)
+            size = batch_bound(per_token, layers, rows, min(longest, max_columns), max_columns)
+            size += per_token * sum(len(s.request.prompt_ids) for s in sequences if s in prefilling)
+            if self.prefix_cache_bytes > 0:
+                size += self.prefix_cache_bytes
+            totals[loaded.device] = totals.get(loaded.device, 0) + size
+        return totals
+
+    def _admit_memory(self, sequence: Sequence) -> bool:
+        """Take the KV memory ``sequence`` may need; ``False`` (it waits) when others hold it now.
+
+        A sequence that cannot fit even with nothing else running is failed at once (waiting would never
+        end) with what it needs and what to change.
+        """
+        projected = self._kv_projection(sequence)
+        device = sequence.model.device
+        budget = self.budgets.for_device(device)
+        if budget.try_set_kv(projected.get(device, 0)):
+            return True
+        if self.active_count == 0:
+            self._waiting.popleft()
+            sequence.fail(kv_too_large(sequence, projected.get(device, 0), budget))
+        return False
+
+    def _settle_kv(self) -> None:
+        """Give back the KV memory of sequences that finished (the ledger only ever shrinks here)."""
+        projected = self._kv_projection()
+        for device in {s.model.device for s in self._waiting} | set(projected) | {"cpu"}:
+            budget = self.budgets.for_device(device)
+            if projected.get(device, 0) < budget.kv:
+                budget.try_set_kv(projected.get(device, 0))
 
     def _busy(self) -> bool:
         return bool(self._prefilling) or any(batch.rows for batch in self._batches.values())

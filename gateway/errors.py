@@ -89,8 +89,10 @@ def from_engine(error: EngineError) -> APIError:
     """The HTTP rendering of an engine failure."""
     status = next((code for cls, code in _ENGINE_STATUS if isinstance(error, cls)), 500)
     headers: dict[str, str] = {}
-    if isinstance(error, Overloaded):
+    if isinstance(error, Overloaded) and error.retry_after is not None:
         headers["Retry-After"] = str(error.retry_after)
+    elif isinstance(error, Overloaded):
+        headers["x-should-retry"] = "false"  # the openai SDK's own switch: a retry cannot help
     elif isinstance(error, UpstreamUnavailable):
         headers["Retry-After"] = "5"
     return APIError(status, error.message, param=error.param, code=error.code, headers=headers)

@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     models: dict[str, ModelSettings] = Field(default_factory=dict)
     adapters: dict[str, AdapterSettings] = Field(default_factory=dict)
     adapter_dirs: list[Path] = Field(default_factory=list)
-    allow_pickle: bool = False
+    allow_pickle: bool = True
     max_rank: int = Field(default=256, ge=1)
     base_match: Literal["strict", "warn"] = "strict"
     cache: CacheSettings = Field(default_factory=CacheSettings)

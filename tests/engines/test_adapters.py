@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from engines.adapters import (
     AdapterFiles,
     AdapterRef,
     check_base_match,
+    check_tensor_ranks,
     local_adapter_folder,
     read_adapter_files,
     resolve_adapter_ref,
@@ -297,7 +299,9 @@ def test_rank_above_the_maximum_is_refused(adapter_copy: Callable[..., Path]) ->
 
 
 def test_rank_at_the_maximum_is_accepted(adapter_copy: Callable[..., Path]) -> None:
-    assert read(adapter_copy(r=8), AdapterPolicy(max_rank=8)).rank == 8
+    files = read(adapter_copy(r=4), AdapterPolicy(max_rank=4))
+    check_tensor_ranks(files, AdapterPolicy(max_rank=4))
+    assert files.rank == 4
 
 
 def test_rank_pattern_above_the_maximum_is_refused(adapter_copy: Callable[..., Path]) -> None:
@@ -317,23 +321,97 @@ def test_config_without_target_modules_is_refused(adapter_copy: Callable[..., Pa
         read(adapter_copy(target_modules=None, target_parameters=None))
 
 
-def test_pickle_only_weights_are_refused_by_default(adapter_copy: Callable[..., Path]) -> None:
+def test_pickle_only_weights_are_refused_when_the_config_disallows_them(
+    adapter_copy: Callable[..., Path],
+) -> None:
     folder = adapter_copy()
-    (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
-    with pytest.raises(AdapterRejected, match="allow_pickle"):
+    pickle_from_safetensors(folder)
+    with pytest.raises(AdapterRejected, match="allow_pickle = false"):
+        read(folder, AdapterPolicy(allow_pickle=False))
+
+
+def test_pickle_only_weights_are_served_from_a_safetensors_copy_by_default(
+    adapter_copy: Callable[..., Path],
+) -> None:
+    from safetensors.torch import load_file
+
+    folder = adapter_copy()
+    tensors = pickle_from_safetensors(folder)
+    weights = read(folder).weights_file
+    assert weights.suffix == ".safetensors" and weights.parent != folder
+    copy = load_file(str(weights))
+    assert copy.keys() == tensors.keys() and all(torch.equal(copy[k], tensors[k]) for k in tensors)
+    assert (weights.parent / "adapter_config.json").is_file()  # peft can load the copy's folder
+
+
+def test_pickle_weights_are_unpickled_once_then_read_from_the_copy(
+    adapter_copy: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import engines.pickle_weights
+
+    folder = adapter_copy()
+    pickle_from_safetensors(folder)
+    first = read(folder).weights_file
+
+    def never(*args: object) -> None:
+        raise AssertionError("unpickled again")
+
+    monkeypatch.setattr(engines.pickle_weights, "read_pickle_tensors", never)
+    assert read(folder).weights_file == first
+
+
+class RunsCode:
+    """A pickle payload that would create a file if unpickling ever ran it."""
+
+    marker = ""
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_whose_payload_would_run_code_is_refused_and_never_runs(
+    adapter_copy: Callable[..., Path], tmp_path: Path
+) -> None:
+    folder = adapter_copy()
+    tensors = pickle_from_safetensors(folder)
+    marker = tmp_path / "payload-ran"
+    payload = RunsCode()
+    payload.marker = str(marker)
+    torch.save({**tensors, "extra": payload}, folder / "adapter_model.bin")
+    with pytest.raises(AdapterRejected, match="refused without running it"):
+        read(folder)
+    assert not marker.exists()
+
+
+def test_a_pickle_holding_anything_but_named_tensors_is_refused(adapter_copy: Callable[..., Path]) -> None:
+    folder = adapter_copy()
+    tensors = pickle_from_safetensors(folder)
+    torch.save({**tensors, "note": [1, 2, 3]}, folder / "adapter_model.bin")
+    with pytest.raises(AdapterRejected, match="not a named tensor"):
         read(folder)
 
 
-def test_pickle_only_weights_are_accepted_when_allowed(adapter_copy: Callable[..., Path]) -> None:
+def test_ranks_come_from_the_tensors_not_the_config(adapter_copy: Callable[..., Path]) -> None:
+    from safetensors.torch import load_file, save_file
+
     folder = adapter_copy()
-    (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
-    assert read(folder, AdapterPolicy(allow_pickle=True)).weights_file == folder / "adapter_model.bin"
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    bigger = {
+        key: torch.zeros(64, value.shape[1]) if "lora_A" in key else torch.zeros(value.shape[0], 64)
+        for key, value in tensors.items()
+    }
+    save_file(bigger, str(weights))
+    with pytest.raises(AdapterRejected, match="has rank 64 but adapter_config.json declares"):
+        check_tensor_ranks(read(folder), AdapterPolicy())
+    with pytest.raises(AdapterRejected, match="rank 64 .* above this gateway's maximum of 32"):
+        check_tensor_ranks(read(folder), AdapterPolicy(max_rank=32))
 
 
 def test_safetensors_are_preferred_over_pickle(adapter_copy: Callable[..., Path]) -> None:
     folder = adapter_copy()
     (folder / "adapter_model.bin").write_bytes(b"never unpickled")
-    for policy in (AdapterPolicy(), AdapterPolicy(allow_pickle=True)):
+    for policy in (AdapterPolicy(), AdapterPolicy(allow_pickle=False)):
         assert read(folder, policy).weights_file == folder / "adapter_model.safetensors"
 
 
@@ -490,3 +568,14 @@ def test_corrupt_weights_file_is_refused(loaded_base: LoadedModel, adapter_copy:
     (folder / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
     with pytest.raises(AdapterRejected, match="corrupt"):
         check_adapter_fits(read(folder), loaded_base)
+
+
+def pickle_from_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Turn an adapter folder into a pickle-only one (as FlagAlpha's adapter ships); its tensors."""
+    from safetensors.torch import load_file
+
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    torch.save(tensors, folder / "adapter_model.bin")
+    weights.unlink()
+    return tensors

@@ -11,7 +11,7 @@ import pytest
 
 from engines.catalog import AdapterPolicy, AdapterSpec, BaseSpec, Catalog
 from engines.errors import AdapterRejected, ModelLoadFailed, Overloaded
-from engines.loader import LoadedModel, load_base
+from engines.loader import BasePlan, LoadedModel, load_base
 from engines.names import ModelName
 from engines.pool import ModelPool
 from tests.conftest import TinyModels
@@ -31,11 +31,11 @@ def counting_loader(delay: float = 0.0) -> tuple[list[str], object]:
     calls: list[str] = []
     lock = threading.Lock()
 
-    def load(spec: BaseSpec) -> LoadedModel:
+    def load(spec: BaseSpec, plan: BasePlan) -> LoadedModel:
         with lock:
             calls.append(spec.name)
         time.sleep(delay)
-        return load_base(spec)
+        return load_base(spec, plan)
 
     return calls, load
 
@@ -164,7 +164,7 @@ def test_model_larger_than_the_budget_is_refused_before_loading(tiny_models: Tin
     pool = ModelPool(catalog(tiny_models), max_bytes=1024, base_loader=loader)  # type: ignore[arg-type]
 
     async def scenario() -> None:
-        with pytest.raises(Overloaded, match="more than the whole model cache"):
+        with pytest.raises(Overloaded, match="more than this gateway's whole memory budget"):
             await pool.acquire(ModelName.parse("tiny"))
 
     asyncio.run(scenario())
@@ -173,15 +173,17 @@ def test_model_larger_than_the_budget_is_refused_before_loading(tiny_models: Tin
 
 def test_variant_estimate_matches_what_the_merge_allocates(tiny_models: TinyModels) -> None:
     from engines.adapters import AdapterRef, read_adapter_files
-    from engines.loader import build_variant, estimate_base_bytes, estimate_variant_bytes
+    from engines.loader import build_variant, estimate_merge_bytes, plan_base_load, targeted_linears
 
     spec = catalog(tiny_models).bases[0]
     base = load_base(spec)
-    assert estimate_base_bytes(spec) >= base.nbytes * 0.9
+    assert 0.99 * base.nbytes <= plan_base_load(spec, None).resident_bytes <= base.nbytes  # + buffers
     files = read_adapter_files(
         AdapterRef(kind="local", source=str(tiny_models.adapter)), tiny_models.adapter, AdapterPolicy()
     )
-    assert estimate_variant_bytes(files, base, unmerged=False) == build_variant(base, files, "v").nbytes
+    variant = build_variant(base, files, "v").nbytes
+    one_layer_fp32 = 4 * max(layer.weight.numel() for layer in targeted_linears(base.model, files).values())
+    assert estimate_merge_bytes(files, base) == variant + one_layer_fp32
 
 
 def test_loads_and_merges_run_on_threads_that_end_with_them(
@@ -193,9 +195,9 @@ def test_loads_and_merges_run_on_threads_that_end_with_them(
     workers: list[threading.Thread] = []
     real_build_variant = engines.pool.build_variant
 
-    def load(spec: BaseSpec) -> LoadedModel:
+    def load(spec: BaseSpec, plan: BasePlan) -> LoadedModel:
         workers.append(threading.current_thread())
-        return load_base(spec)
+        return load_base(spec, plan)
 
     def build_variant(*args: object) -> LoadedModel:
         workers.append(threading.current_thread())
