@@ -92,6 +92,7 @@ def write_llama_checkpoint(
     dtype: str = "bfloat16",
     shard_bytes: int = 2 * 2**30,
     seed: int = 0,
+    device: str = "cpu",
 ) -> Path:
     """Write config, tokenizer and sharded safetensors for ``shape`` with small random weights.
 
@@ -109,7 +110,7 @@ def write_llama_checkpoint(
     tokenizer.add_tokens([f"<extra_{i}>" for i in range(shape.vocab_size - len(tokenizer))])
     tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     written: list[list[str]] = []  # tensor names of each shard saved so far
     current: dict[str, Any] = {}
     current_bytes = total = 0
@@ -127,7 +128,8 @@ def write_llama_checkpoint(
         if len(dims) == 1:
             current[name] = torch.ones(dims, dtype=torch_dtype)
         else:
-            current[name] = torch.empty(dims, dtype=torch_dtype).normal_(0.0, 0.02, generator=generator)
+            drawn = torch.empty(dims, dtype=torch_dtype, device=device).normal_(0.0, 0.02, generator=generator)
+            current[name] = drawn.cpu()
         current_bytes += size
         total += size
     flush()
