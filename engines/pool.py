@@ -361,16 +361,13 @@ class ModelPool:
         merge_need = estimate_merge_bytes(files, base.loaded)
         merged_fits = budget.unlimited or merge_need <= budget.free
         wants_merge = promote or spec.adapter_mode == "merge"
-        if wants_merge and (merged_fits or unmergeable is not None):
+        if unmergeable is not None or (wants_merge and merged_fits):
             if not merged_fits and promote:
                 raise InsufficientMemory(f"A merged copy of {model_id} ({mib(merge_need)}) does not fit.")
+            if unmergeable is not None and not wants_merge:
+                log.info("adapter %s uses %s: serving it merged instead of unmerged", model_id, unmergeable)
             self.make_room(model_id, merge_need, device, what="merged")
             return await run_on_own_thread(build_variant, base.loaded, files, model_id)
-        if unmergeable is not None:
-            raise AdapterRejected(
-                f"Adapter '{files.ref.key}' uses {unmergeable}, which can only be served merged; "
-                f'set adapter_mode = "merge" for base \'{spec.name}\'.'
-            )
         if spec.adapter_mode == "merge":
             reason = (
                 f"a merged copy needs {mib(merge_need)} and the memory budget has {mib(budget.free)} free "

@@ -93,6 +93,7 @@ def write_llama_checkpoint(
     shard_bytes: int = 2 * 2**30,
     seed: int = 0,
     device: str = "cpu",
+    pad_tokenizer: bool = True,
 ) -> Path:
     """Write config, tokenizer and sharded safetensors for ``shape`` with small random weights.
 
@@ -107,7 +108,8 @@ def write_llama_checkpoint(
     element = torch.tensor([], dtype=torch_dtype).element_size()
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_byte_tokenizer()
-    tokenizer.add_tokens([f"<extra_{i}>" for i in range(shape.vocab_size - len(tokenizer))])
+    if pad_tokenizer:  # as many tokens as embedding rows, like the real checkpoint (slower to load)
+        tokenizer.add_tokens([f"<extra_{i}>" for i in range(shape.vocab_size - len(tokenizer))])
     tokenizer.chat_template = LLAMA2_CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
     generator = torch.Generator(device=device).manual_seed(seed)

@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -214,3 +215,79 @@ def test_loads_and_merges_run_on_threads_that_end_with_them(
             assert not worker.is_alive()
 
     asyncio.run(scenario())
+
+
+@pytest.fixture(scope="module")
+def seven_adapters(tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    from engines.tiny import save_tiny_adapter
+
+    root = tmp_path_factory.mktemp("seven")
+    for index in range(7):
+        save_tiny_adapter(
+            tiny_models.base,
+            root / f"a{index}",
+            seed=10 + index,
+            base_model_name_or_path="test-org/tiny-base",
+        )
+    return [str(root / f"a{index}") for index in range(7)]
+
+
+@pytest.mark.parametrize("mode", ["multi", "auto", "merge"])
+def test_eviction_churn_never_serves_another_adapters_answer(
+    tiny_models: TinyModels, seven_adapters: list[str], mode: str
+) -> None:
+    """Bursts of first requests for different adapters while a 3-model cache evicts under them.
+
+    A fresh entry used to be handed to its waiters unleased: a concurrent load could evict it (freeing
+    its unmerged slot) before they resumed, and they then ran on a freed or reused slot.
+    """
+    from engines.engine import Engine, EngineLimits
+    from engines.sampling import SamplingParams
+
+    root = Path(seven_adapters[0]).parent
+    spec = BaseSpec(name="tiny", source=str(tiny_models.base), dtype="float32", adapter_mode=mode)
+    catalog = Catalog(bases=(spec,), policy=AdapterPolicy(adapter_dirs=(root,), base_match="warn"))
+    models = [f"tiny+{Path(a).name}" for a in seven_adapters]
+
+    async def answer(engine: Engine, model: str) -> str:
+        lease = await engine.acquire(model)
+        try:
+            request = engine.text_request(
+                lease, "churn", max_tokens=12, sampling=SamplingParams(temperature=0)
+            )
+            return "".join([event.text async for event in engine.generate(lease, request)])
+        finally:
+            lease.release()
+
+    roomy = Engine(catalog, EngineLimits(prefix_cache_bytes=0))
+    try:
+        expected = {model: asyncio.run(answer(roomy, model)) for model in models}
+    finally:
+        roomy.close()
+    assert len(set(expected.values())) == len(models)  # every adapter answers differently
+    tight = Engine(catalog, EngineLimits(max_models=3, prefix_cache_bytes=0))
+    if mode == "auto":
+        tight.pool.merge_after = 2
+    wrong: list[tuple[str, str]] = []
+    served = refused = 0
+    try:
+
+        async def bursts() -> None:
+            nonlocal served, refused
+            for burst in range(14):
+                jobs = [models[(burst * 3 + offset) % len(models)] for offset in range(4)]
+                results = await asyncio.gather(*(answer(tight, m) for m in jobs), return_exceptions=True)
+                for model, result in zip(jobs, results, strict=True):
+                    if isinstance(result, BaseException):
+                        assert isinstance(result, Overloaded), result
+                        refused += 1
+                    elif result != expected[model]:
+                        wrong.append((model, result))
+                    else:
+                        served += 1
+
+        asyncio.run(bursts())
+    finally:
+        tight.close()
+    assert wrong == []
+    assert served >= 28 and sum(tight.pool.stats.evictions.values()) >= 5
