@@ -22,7 +22,7 @@ from engines.hub import CachedAdapter, cached_adapters
 from engines.kv_budget import batch_bound, kv_bytes_per_token
 from engines.memory import MemoryBudgets
 from engines.names import ModelName
-from engines.pool import Lease, ModelPool
+from engines.pool import Lease, ModelPool, PoolEntry
 from engines.prompts import encode_text, render_chat
 from engines.sampling import SamplingParams
 from engines.scheduler import Scheduler
@@ -44,6 +44,17 @@ class ModelInfo:
     dtype: str | None = None
     context_length: int | None = None
     cached: bool = False
+    #: Why ``dtype`` was chosen, and for an adapter whether it is served merged or unmerged and why.
+    decisions: MemoryDecisions | None = None
+
+
+@dataclass(frozen=True)
+class MemoryDecisions:
+    """What the memory budget decided for a loaded model (shown in ``/v1/models`` and logged)."""
+
+    dtype_reason: str | None
+    serving: str | None
+    serving_reason: str | None
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,13 @@ class EngineLimits:
     prefix_cache_bytes: int = 256 * 2**20
     threads: int = 0
     lean_decode: bool = True
+
+
+def _decisions(entry: PoolEntry | None) -> MemoryDecisions | None:
+    if entry is None:
+        return None
+    loaded = entry.loaded
+    return MemoryDecisions(loaded.dtype_reason or None, loaded.serving, loaded.serving_reason or None)
 
 
 class Engine:
@@ -114,6 +132,7 @@ class Engine:
                     loaded=entry is not None,
                     dtype=entry.loaded.dtype if entry else None,
                     context_length=entry.loaded.context_length if entry else base.context_length,
+                    decisions=_decisions(entry),
                 )
             )
         listed: set[str] = set()
@@ -133,6 +152,7 @@ class Engine:
                     root=adapter.source,
                     loaded=variant is not None,
                     dtype=variant.loaded.dtype if variant else None,
+                    decisions=_decisions(variant),
                 )
             )
         rows.extend(self._cached_rows({row.id for row in rows} | {e.loaded.name for e in loaded.values()}))
@@ -149,6 +169,7 @@ class Engine:
                     loaded=True,
                     dtype=entry.loaded.dtype,
                     context_length=entry.loaded.context_length,
+                    decisions=_decisions(entry),
                 )
             )
         return rows

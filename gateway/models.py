@@ -22,6 +22,9 @@ def model_card(info: ModelInfo) -> dict[str, Any]:
         "loaded": info.loaded,
         "cached": info.cached or info.loaded,
         "dtype": info.dtype,
+        "dtype_reason": info.decisions.dtype_reason if info.decisions else None,
+        "adapter_serving": info.decisions.serving if info.decisions else None,
+        "adapter_serving_reason": info.decisions.serving_reason if info.decisions else None,
         "max_model_len": info.context_length,
     }
 

@@ -1,0 +1,42 @@
+"""Memory decisions seen from a client: what /v1/models says, and the error when nothing can fit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from gateway.settings import CacheSettings
+from tests.conftest import RunningServer, TinyModels
+from tests.e2e.conftest import tiny_settings
+
+pytestmark = pytest.mark.e2e
+
+
+def test_models_show_the_dtype_and_merge_decisions_with_their_reasons(tiny_server: RunningServer) -> None:
+    api = openai.OpenAI(base_url=tiny_server.v1, api_key="unused", max_retries=0)
+    api.chat.completions.create(
+        model="tiny+tiny-lora", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    base = httpx.get(f"{tiny_server.v1}/models/tiny").json()
+    assert base["dtype"] == "float32" and base["dtype_reason"] == "configured"
+    variant = httpx.get(f"{tiny_server.v1}/models/tiny+tiny-lora").json()
+    assert variant["adapter_serving"] == "merged"
+
+
+def test_a_model_that_can_never_fit_gets_a_503_that_says_why_and_not_to_retry(
+    start_server: Any, tiny_models: TinyModels
+) -> None:
+    server: RunningServer = start_server(tiny_settings(tiny_models, cache=CacheSettings(max_memory=4096)))
+    response = httpx.post(
+        f"{server.v1}/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert response.status_code == 503
+    assert response.headers["x-should-retry"] == "false" and "retry-after" not in response.headers
+    error = response.json()["error"]
+    assert error["code"] == "insufficient_memory"
+    assert "max_memory" in error["message"] and "dtype" in error["message"]
+    assert httpx.get(f"{server.url}/health").status_code == 200
