@@ -18,7 +18,7 @@ from engines.adapters import same_model
 from engines.catalog import Catalog
 from engines.errors import ContextLengthExceeded, EngineError, InvalidGenerationRequest
 from engines.generation import ChatMessage, GenerationEvent, GenerationRequest
-from engines.hub import CachedAdapter, cached_adapters
+from engines.hub import CachedAdapter, HubFetcher, cached_adapters
 from engines.names import ModelName
 from engines.pool import Lease, ModelPool
 from engines.prompts import encode_text, render_chat
@@ -67,6 +67,10 @@ class EngineLimits:
     prefix_cache_bytes: int = 256 * 2**20
     threads: int = 0
     lean_decode: bool = True
+    #: Deadline of one adapter fetch from the Hub, seconds (``[hub] fetch_timeout``).
+    fetch_timeout: float = 300.0
+    #: How long a "not on the Hub" answer is remembered, seconds (``[hub] negative_cache_seconds``).
+    negative_cache_seconds: float = 60.0
 
 
 class Engine:
@@ -75,7 +79,10 @@ class Engine:
     def __init__(self, catalog: Catalog, limits: EngineLimits = EngineLimits()) -> None:
         self.created = int(time.time())
         self._cached_scan: tuple[float, list[CachedAdapter]] | None = None
-        self.pool = ModelPool(catalog, max_bytes=limits.max_memory_bytes, max_models=limits.max_models)
+        self.hub = HubFetcher(timeout=limits.fetch_timeout, negative_ttl=limits.negative_cache_seconds)
+        self.pool = ModelPool(
+            catalog, max_bytes=limits.max_memory_bytes, max_models=limits.max_models, fetcher=self.hub
+        )
         self.scheduler = Scheduler(
             max_active=limits.max_batch,
             max_waiting=limits.max_waiting,
@@ -175,7 +182,16 @@ class Engine:
                 )
         return rows
 
+    def cancel_fetches(self) -> None:
+        """Fail every Hub fetch now waiting (and every later one): call it as shutdown begins.
+
+        A request waiting on a stalled Hub then gets its error at once instead of holding shutdown for
+        up to ``[hub] fetch_timeout``.
+        """
+        self.hub.cancel()
+
     def close(self) -> None:
+        self.cancel_fetches()
         self.scheduler.close()
 
     async def acquire(self, model: str) -> Lease:

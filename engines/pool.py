@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engines.adapters import (
+    ADAPTER_FETCH_TIMEOUT,
     AdapterFiles,
     AdapterRef,
     check_base_match,
@@ -23,6 +24,7 @@ from engines.adapters import (
 )
 from engines.catalog import BaseSpec, Catalog
 from engines.errors import AdapterRejected, Overloaded
+from engines.hub import HubFetcher
 from engines.loader import (
     LoadedModel,
     adapter_tokenizer,
@@ -139,7 +141,10 @@ class ModelPool:
         base_loader: Callable[[BaseSpec], LoadedModel] = load_base,
         merge_after: int = 16,
         max_merged_per_base: int = 2,
+        fetcher: HubFetcher | None = None,
     ) -> None:
+        #: Hub access with the engine's deadline, negative cache and shutdown cancellation.
+        self.fetcher = fetcher or HubFetcher(timeout=ADAPTER_FETCH_TIMEOUT)
         self.merge_after = merge_after
         self.max_merged_per_base = max_merged_per_base
         self._adapter_requests: dict[str, int] = {}
@@ -264,7 +269,7 @@ class ModelPool:
         policy = self.catalog.policy
 
         def check() -> tuple[AdapterFiles, bool]:
-            folder = fetch_adapter(ref)
+            folder = fetch_adapter(ref, self.fetcher)
             files = read_adapter_files(ref, folder, policy)
             check_base_match(files, spec, policy)
             check_adapter_fits(files, base.loaded)
