@@ -207,3 +207,22 @@ def test_invented_names_make_no_series_and_are_asked_of_the_hub_once(
     metrics = httpx.get(f"{gateway.url}/metrics", timeout=10).text
     assert "nonexistent" not in metrics
     assert 'peft_gateway_cache_misses_total{model="other"}' in metrics
+
+
+def test_cancel_fetches_frees_a_request_waiting_on_a_stalled_hub(
+    start_server: Any, tiny_models: TinyModels, hub: HubServer, online: Path
+) -> None:
+    import threading
+    import time
+
+    from engines.engine import Engine
+
+    own: RunningServer = start_server(tiny_settings(tiny_models, hub=HubSettings(fetch_timeout=120)))
+    assert chat(own, "tiny").status_code == 200  # base loaded: only the fetch is left to wait on
+    hub.fail(REPO, "stall", stall_s=5)
+    engine: Engine = own.app.state.engine  # type: ignore[attr-defined]
+    threading.Timer(0.5, engine.cancel_fetches).start()
+    started = time.monotonic()
+    refused = chat(own, f"tiny+{REPO}@stalled")
+    assert time.monotonic() - started < 3
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "fetch_cancelled"
