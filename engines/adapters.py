@@ -196,13 +196,18 @@ def check_base_match(files: AdapterFiles, base: BaseSpec, policy: AdapterPolicy)
         return
     message = (
         f"Adapter '{files.ref.label}' was trained for base '{declared}', but the requested base is "
-        f"'{base.name}' ({base.source}). Use an adapter made for '{base.name}', add '{declared}' to the "
+        f"'{base.name}'{_public_source(base)}. Use an adapter made for '{base.name}', add '{declared}' to the "
         f'base\'s aliases if they are the same model, or set base_match = "warn".'
     )
     if policy.base_match == "warn":
         log.warning("%s Serving it anyway (base_match = warn).", message)
         return
     raise AdapterRejected(message)
+
+
+def _public_source(base: BaseSpec) -> str:
+    """`` (org/name)`` for a base from the Hub; nothing for a local folder, a server path."""
+    return f" ({base.source})" if is_hub_id(base.source) and not Path(base.source).exists() else ""
 
 
 def same_model(declared: str, names: tuple[str, ...]) -> bool:

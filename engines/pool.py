@@ -335,7 +335,7 @@ class ModelPool:
             if not self._enforce_budget():
                 self._drop(entry)
                 raise Overloaded(
-                    f"Not enough room in the model cache for '{key}' "
+                    f"Not enough room in the model cache for '{loaded.name}' "
                     f"({loaded.nbytes / 2**20:.1f} MiB) while other models are in use; retry later "
                     "or raise [cache] max_memory.",
                     retry_after=5,

@@ -142,6 +142,9 @@ def test_models_list_and_errors_show_names_not_server_paths(
     assert roots_by_id["tiny+good"] == "good"
     text = json.dumps(listed)
     assert str(tiny_models.base) not in text and str(roots) not in text and "/tmp" not in text
+    mismatched = chat(gateway, "tiny+other-base-lora")
+    assert mismatched.status_code == 400 and "other-org/other-model" in mismatched.text
+    assert str(tiny_models.base) not in mismatched.text and "/tmp" not in mismatched.text
     for model in ("tiny+./missing/folder", "tiny+/etc/passwd", "tiny+~/x"):
         refused = chat(gateway, model)
         assert refused.status_code in (400, 404), refused.text
