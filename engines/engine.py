@@ -162,6 +162,10 @@ class Engine:
             self._cached_scan = (now, cached_adapters())
         rows = []
         for adapter in self._cached_scan[1]:
+            try:
+                modified = int(adapter.folder.stat().st_mtime)
+            except OSError:  # removed since the scan: one gone folder must not fail the listing
+                continue
             for base in self.catalog.bases:
                 model_id = f"{base.name}+{adapter.repo_id}"
                 if (
@@ -173,7 +177,7 @@ class Engine:
                 rows.append(
                     ModelInfo(
                         id=model_id,
-                        created=int(adapter.folder.stat().st_mtime),
+                        created=modified,
                         owned_by="peft-gateway",
                         parent=base.name,
                         root=adapter.repo_id,

@@ -115,7 +115,7 @@ class HubFetcher:
         self._lock = threading.Lock()
         self._cancelled = threading.Event()
         self._waiting: set[threading.Event] = set()
-        self._negative: dict[tuple[str, str, str], tuple[float, EngineError]] = {}
+        self._negative: dict[tuple[str, str, str, str], tuple[float, EngineError]] = {}
         #: Download threads still running per repo cache folder (abandoned ones included).
         self._live: dict[str, int] = {}
         #: (blob path, size, mtime_ns) of files whose sha256 was checked, so a hit costs no hashing.
@@ -155,7 +155,8 @@ class HubFetcher:
         if self.cancelled:
             raise FetchCancelled(f"The gateway is shutting down; {what} '{label}' is not fetched.")
         hub_url = endpoint or constants.ENDPOINT
-        key = (hub_url, repo_id, revision or "main")
+        # The token is part of the key: a repo refused without one may be readable with another.
+        key = (hub_url, repo_id, revision or "main", token or "")
         remembered = self._remembered(key)
         if remembered is not None:
             raise remembered
@@ -199,7 +200,7 @@ class HubFetcher:
 
     # ------------------------------------------------------------------ negative cache
 
-    def _remembered(self, key: tuple[str, str, str]) -> EngineError | None:
+    def _remembered(self, key: tuple[str, str, str, str]) -> EngineError | None:
         with self._lock:
             hit = self._negative.get(key)
             if hit is None:
@@ -211,7 +212,7 @@ class HubFetcher:
         log.debug("negative cache hit for %s", key[1])
         return type(error)(error.message)
 
-    def _remember(self, key: tuple[str, str, str], error: EngineError) -> None:
+    def _remember(self, key: tuple[str, str, str, str], error: EngineError) -> None:
         if self.negative_ttl <= 0:
             return
         with self._lock:

@@ -219,3 +219,45 @@ def test_cache_listing_skips_hostile_and_broken_folders(cache: Path, hub: HubSer
     os.symlink(cache / "no-such-blob", dangling / "adapter_config.json")
 
     assert [a.repo_id for a in cached_adapters(cache)] == [REPO]
+
+
+@pytest.mark.parametrize(
+    ("text", "cause"),
+    [
+        ("[Errno -2] Name or service not known", "DNS lookup failed"),
+        ("[Errno -3] Temporary failure in name resolution", "DNS lookup failed"),
+        ("[Errno 101] Network is unreachable", "network unreachable"),
+        ("[Errno 111] Connection refused", "connection refused"),
+    ],
+)
+def test_no_route_to_the_hub_names_its_cause(cache: Path, text: str, cause: str) -> None:
+    import httpx2
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from engines.hub import translate_error
+
+    try:
+        try:
+            raise httpx2.ConnectError(text)
+        except httpx2.ConnectError as connect:
+            raise LocalEntryNotFoundError("An error happened while trying to locate the files") from connect
+    except LocalEntryNotFoundError as exc:
+        error = translate_error(exc, what="adapter", label="org/x", endpoint="https://huggingface.co")
+    assert isinstance(error, UpstreamUnreachable), error
+    assert cause in error.message and not error.retryable
+
+
+def test_a_hub_timeout_is_transient_not_unreachable(cache: Path) -> None:
+    import httpx2
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from engines.hub import translate_error
+
+    try:
+        try:
+            raise httpx2.ReadTimeout("timed out")
+        except httpx2.ReadTimeout as timeout:
+            raise LocalEntryNotFoundError("An error happened while trying to locate the files") from timeout
+    except LocalEntryNotFoundError as exc:
+        error = translate_error(exc, what="adapter", label="org/x", endpoint="https://huggingface.co")
+    assert type(error) is UpstreamUnavailable and error.retryable and "ReadTimeout" in error.message
