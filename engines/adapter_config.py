@@ -65,8 +65,6 @@ _BOOL_FIELDS = (
     "ensure_weight_tying",
 )
 _STRING_FIELDS = ("base_model_name_or_path", "revision", "peft_version", "megatron_core")
-# A quantified group that itself holds a quantifier ("(a+)+", "(.*)*"): catastrophic backtracking.
-_NESTED_QUANTIFIER_RE = re.compile(r"\([^()]*[*+}][^()]*\)\s*[*+{]")
 
 
 def _reject(adapter: str, field: str, problem: str) -> AdapterRejected:
@@ -224,16 +222,64 @@ def _check_alpha(alpha: Any, adapter: str, field: str) -> None:
 def _check_regex(pattern: str, adapter: str, field: str) -> None:
     if len(pattern) > MAX_PATTERN_LENGTH:
         raise _reject(adapter, field, f"holds a pattern longer than {MAX_PATTERN_LENGTH} characters")
-    if _NESTED_QUANTIFIER_RE.search(pattern):
+    if _has_nested_repetition(pattern):
         raise _reject(adapter, field, f"holds the pattern {_show(pattern)} with nested repetition")
     try:
         # The forms peft and the gateway build around a pattern must compile too.
         re.compile(pattern)
         re.compile(rf"(.*\.)?({pattern})$")
+        re.compile(rf"(.*\.)?{pattern}")
     except (re.error, RecursionError, OverflowError) as exc:
         raise _reject(
             adapter, field, f"holds {_show(pattern)}, which is not a valid regular expression"
         ) from exc
+
+
+def _has_nested_repetition(pattern: str) -> bool:
+    r"""True when a group holding a repetition or an alternation is itself repeated (``*``, ``+``, ``{``).
+
+    ``(a+)+``, ``(.*)*`` or ``(\w|\w)*x`` backtrack exponentially, and Python's ``re`` has no time limit:
+    one such pattern matched against module names would hold a worker thread for ever. Patterns that
+    select modules never need them.
+    """
+    stack: list[bool] = []  # per open group: does it hold a repetition or an alternation?
+    closed_risky = False  # the token just before the current position is a risky group
+    index = 0
+    while index < len(pattern):
+        char = pattern[index]
+        if char == "\\":
+            index += 2
+            closed_risky = False
+            continue
+        if char == "[":  # a character class: skip to its end
+            end = index + 1
+            if end < len(pattern) and pattern[end] == "^":
+                end += 1
+            if end < len(pattern) and pattern[end] == "]":
+                end += 1
+            while end < len(pattern) and pattern[end] != "]":
+                end += 2 if pattern[end] == "\\" else 1
+            index = end + 1
+            closed_risky = False
+            continue
+        if char in "*+{" and closed_risky:
+            return True
+        if char in "*+?{|" and stack:
+            stack[-1] = True
+        if char == "(":
+            stack.append(False)
+            closed_risky = False
+            if pattern.startswith("?", index + 1):  # (?:...), (?P<name>...), (?=...): not a quantifier
+                index += 1
+        elif char == ")":
+            risky = stack.pop() if stack else False
+            if risky and stack:
+                stack[-1] = True
+            closed_risky = risky
+        else:
+            closed_risky = False
+        index += 1
+    return False
 
 
 def _check_string_list(value: Any, adapter: str, field: str) -> list[str]:

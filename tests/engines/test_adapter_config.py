@@ -57,7 +57,7 @@ def test_a_config_as_peft_saves_it_passes() -> None:
 def test_rank_and_alpha_patterns_and_a_regex_target_pass() -> None:
     config = {
         **GOOD,
-        "target_modules": r".*\.(q_proj|v_proj)",
+        "target_modules": r".*\.(?:q_proj|v_proj)",
         "rank_pattern": {"q_proj": 2},
         "alpha_pattern": {r"layers\.0\..*": 16.5},
         "layers_to_transform": [0, 1],
@@ -73,6 +73,9 @@ def test_rank_and_alpha_patterns_and_a_regex_target_pass() -> None:
         ("target_modules", "(unclosed"),
         ("target_modules", [1, 2]),
         ("target_modules", "(a+)+$"),
+        ("target_modules", r".*(\w|\w)*x"),
+        ("target_modules", "(?:.*a)+"),
+        ("rank_pattern", {"(q|v)+": 4}),
         ("rank_pattern", ["q_proj", 8]),
         ("rank_pattern", {"q_proj": "8"}),
         ("rank_pattern", {"[": 8}),
