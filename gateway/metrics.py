@@ -194,9 +194,7 @@ class GatewayMetrics:
             self.ttft_seconds.labels(model).observe(report.time_to_first_token)
             decode_seconds = report.seconds - report.time_to_first_token
             if report.completion_tokens > 1 and decode_seconds > 0:
-                self.tokens_per_second.labels(model).observe(
-                    (report.completion_tokens - 1) / decode_seconds
-                )
+                self.tokens_per_second.labels(model).observe((report.completion_tokens - 1) / decode_seconds)
 
     def _model_label(self, model: str) -> str:
         if self._engine is None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx2
 import openai
 import pytest
 
@@ -179,8 +180,8 @@ def test_an_unreachable_hub_is_a_502_the_sdk_does_not_retry(
     assert error["code"] == "upstream_unreachable" and "connection refused" in error["message"]
     assert refused.headers.get("x-should-retry") == "false" and "retry-after" not in refused.headers
 
-    sent: list[httpx.Request] = []
-    http_client = httpx.Client(event_hooks={"request": [sent.append]})
+    sent: list[httpx2.Request] = []
+    http_client = httpx2.Client(event_hooks={"request": [sent.append]})
     client = openai.OpenAI(base_url=gateway.v1, api_key="none", http_client=http_client, max_retries=2)
     with pytest.raises(openai.InternalServerError):
         client.chat.completions.create(model="tiny+test-org/unreachable-2", messages=HELLO, max_tokens=2)  # type: ignore[arg-type]
