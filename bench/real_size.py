@@ -62,7 +62,9 @@ def ensure_checkpoints(root: Path, shape_name: str) -> Path:
         print(f"wrote the {shape_name} base in {time.perf_counter() - started:.0f}s", file=sys.stderr)
     adapter_repo = hub / f"models--{ADAPTER_REPO.replace('/', '--')}"
     if not (adapter_repo / "refs" / "main").is_file():
-        folder = write_pickle_lora(root / shape_name / "adapter.tmp", shape, base_model_name_or_path=BASE_REPO)
+        folder = write_pickle_lora(
+            root / shape_name / "adapter.tmp", shape, base_model_name_or_path=BASE_REPO
+        )
         install_in_hub_cache(hub, ADAPTER_REPO, folder)
     return hub
 
@@ -242,7 +244,9 @@ def scenario(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--root", type=Path, default=Path.home() / ".cache" / "peft-gateway" / "real-size")
     parser.add_argument("--shape", choices=("7b", "small"), default="7b")
     parser.add_argument("--device", default="cpu")

@@ -6,15 +6,15 @@ adapter costs no model memory and leaves the loaded base untouched.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
 from engines import hub
+from engines.adapter_config import load_adapter_config
 from engines.catalog import AdapterPolicy, AdapterSpec, BaseSpec, Catalog
 from engines.errors import AdapterRejected, InvalidModelName, ModelNotFound
 from engines.names import is_hub_id, looks_like_path
@@ -24,6 +24,7 @@ log = logging.getLogger("peft_gateway.adapters")
 
 #: A silent Hub must not hold a request (and the single-flight load behind it) forever; adapters are
 #: small, so a few minutes is generous. Bases get no fixed limit: they can be many GB.
+#: The default of ``[hub] fetch_timeout``; the engine's :class:`~engines.hub.HubFetcher` carries the value.
 ADAPTER_FETCH_TIMEOUT = 300.0
 
 
@@ -36,11 +37,23 @@ class AdapterRef:
     revision: str | None = None
     token: str | None = None
     alias: str | None = None
+    #: What the client called a local adapter (relative to its adapter root), for messages.
+    name: str | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:
         """Identity of the adapter's weights: the same key means the same merged variant."""
         return f"{self.source}@{self.revision}" if self.revision else self.source
+
+    @property
+    def label(self) -> str:
+        """The adapter's public name for messages: alias, the name the client used, or the Hub id.
+
+        Never a server path: ``key`` of a local adapter is its absolute folder, which only the log sees.
+        """
+        if self.kind == "local":
+            return self.alias or self.name or Path(self.source).name
+        return self.alias or self.key
 
 
 @dataclass(frozen=True)
@@ -70,12 +83,10 @@ def resolve_adapter_ref(catalog: Catalog, base: BaseSpec, adapter: str, revision
         return _ref_from_alias(catalog.policy, base, spec, revision)
     local = local_adapter_folder(catalog.policy, adapter)
     if local is not None:
-        return AdapterRef(kind="local", source=str(local), alias=None)
+        return AdapterRef(kind="local", source=str(local), alias=None, name=adapter)
     if looks_like_path(adapter):
-        raise ModelNotFound(
-            f"Adapter folder '{adapter}' was not found under any configured adapter folder "
-            f"({_roots_text(catalog.policy)})."
-        )
+        log.info("adapter folder %r not found under %s", adapter, _roots_text(catalog.policy))
+        raise ModelNotFound(f"Adapter folder '{adapter}' was not found under any configured adapter folder.")
     if is_hub_id(adapter):
         return AdapterRef(kind="hub", source=adapter, revision=revision, token=base.token)
     known = ", ".join(sorted(a.alias for a in catalog.adapters)) or "none configured"
@@ -103,7 +114,8 @@ def _ref_from_alias(
         )
     folder = Path(spec.source).expanduser().resolve()
     if not folder.is_dir():
-        raise ModelNotFound(f"Adapter '{spec.alias}' points to '{spec.source}', which is not a folder.")
+        log.warning("adapter alias %s points to %r, which is not a folder", spec.alias, spec.source)
+        raise ModelNotFound(f"Adapter '{spec.alias}' points to a folder that does not exist on the server.")
     return AdapterRef(kind="local", source=str(folder), alias=spec.alias)
 
 
@@ -130,10 +142,8 @@ def local_adapter_folder(policy: AdapterPolicy, text: str) -> Path | None:
         inside = any(real == root or root in real.parents for root in roots)
         if not inside:
             if path.is_absolute() or text.startswith("~"):
-                raise InvalidModelName(
-                    f"Adapter path '{text}' is outside the configured adapter folders "
-                    f"({_roots_text(policy)})."
-                )
+                log.info("adapter path %r is outside the adapter folders %s", text, _roots_text(policy))
+                raise InvalidModelName(f"Adapter path '{text}' is outside the configured adapter folders.")
             if candidate.exists():
                 raise InvalidModelName(
                     f"Adapter path '{text}' leads outside the configured adapter folders (symlink?)."
@@ -144,17 +154,17 @@ def local_adapter_folder(policy: AdapterPolicy, text: str) -> Path | None:
     return None
 
 
-def fetch_adapter(ref: AdapterRef) -> Path:
-    """The local folder holding the adapter's files, downloading only adapter files from the Hub."""
+def fetch_adapter(ref: AdapterRef, fetcher: hub.HubFetcher | None = None) -> Path:
+    """The local folder holding the adapter's files, downloading only adapter files from the Hub.
+
+    ``fetcher`` is the engine's (its deadline, negative cache and shutdown cancellation); without one, a
+    fresh fetcher with the default deadline is used (``peft-gateway pull``).
+    """
     if ref.kind == "local":
         return Path(ref.source)
-    return hub.snapshot(
-        ref.source,
-        revision=ref.revision,
-        allow_patterns=hub.ADAPTER_FILES,
-        token=ref.token,
-        what="adapter",
-        timeout=ADAPTER_FETCH_TIMEOUT,
+    fetcher = fetcher or hub.HubFetcher(timeout=ADAPTER_FETCH_TIMEOUT)
+    return fetcher.snapshot(
+        ref.source, revision=ref.revision, allow_patterns=hub.ADAPTER_FILES, token=ref.token, what="adapter"
     )
 
 
@@ -162,32 +172,8 @@ def read_adapter_files(ref: AdapterRef, folder: Path, policy: AdapterPolicy) -> 
     """Read and check ``adapter_config.json`` and find the weights file, refusing what cannot work."""
     config_path = folder / "adapter_config.json"
     if not config_path.is_file():
-        raise AdapterRejected(f"Adapter '{ref.key}' has no adapter_config.json: it is not a PEFT adapter.")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterRejected(f"Adapter '{ref.key}' has an unreadable adapter_config.json: {exc}") from exc
-    if not isinstance(config, dict):
-        raise AdapterRejected(f"Adapter '{ref.key}': adapter_config.json is not a JSON object.")
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise AdapterRejected(
-            f"Adapter '{ref.key}' is a PEFT '{peft_type or 'unknown'}' adapter; only LoRA adapters can "
-            "be merged."
-        )
-    if config.get("use_dora"):
-        raise AdapterRejected(f"Adapter '{ref.key}' uses DoRA, which this gateway does not merge.")
-    rank = config.get("r")
-    if not isinstance(rank, int) or rank <= 0:
-        raise AdapterRejected(f"Adapter '{ref.key}' has an invalid LoRA rank r={rank!r}.")
-    ranks = [rank, *[v for v in (config.get("rank_pattern") or {}).values() if isinstance(v, int)]]
-    if max(ranks) > policy.max_rank:
-        raise AdapterRejected(
-            f"Adapter '{ref.key}' has LoRA rank {max(ranks)}, above this gateway's maximum of "
-            f"{policy.max_rank} ([adapters] max_rank)."
-        )
-    if not config.get("target_modules") and not config.get("target_parameters"):
-        raise AdapterRejected(f"Adapter '{ref.key}' names no target_modules.")
+        raise AdapterRejected(f"Adapter '{ref.label}' has no adapter_config.json: it is not a PEFT adapter.")
+    config = load_adapter_config(config_path, ref.label, max_rank=policy.max_rank)
     safetensors = folder / "adapter_model.safetensors"
     pickle = folder / "adapter_model.bin"
     if safetensors.is_file():
@@ -195,12 +181,12 @@ def read_adapter_files(ref: AdapterRef, folder: Path, policy: AdapterPolicy) -> 
     elif pickle.is_file():
         if not policy.allow_pickle:
             raise AdapterRejected(
-                f"Adapter '{ref.key}' ships its weights only as pickle (adapter_model.bin), and this "
+                f"Adapter '{ref.label}' ships its weights only as pickle (adapter_model.bin), and this "
                 "gateway is configured with allow_pickle = false."
             )
         weights = safetensors_copy(pickle, config, ref.key)
     else:
-        raise AdapterRejected(f"Adapter '{ref.key}' has no adapter_model.safetensors weights file.")
+        raise AdapterRejected(f"Adapter '{ref.label}' has no adapter_model.safetensors weights file.")
     return AdapterFiles(ref=ref, folder=folder, config=config, weights_file=weights)
 
 
@@ -247,14 +233,19 @@ def check_base_match(files: AdapterFiles, base: BaseSpec, policy: AdapterPolicy)
     if same_model(str(declared), base.known_names()):
         return
     message = (
-        f"Adapter '{files.ref.key}' was trained for base '{declared}', but the requested base is "
-        f"'{base.name}' ({base.source}). Use an adapter made for '{base.name}', add '{declared}' to the "
+        f"Adapter '{files.ref.label}' was trained for base '{declared}', but the requested base is "
+        f"'{base.name}'{_public_source(base)}. Use an adapter made for '{base.name}', add '{declared}' to the "
         f'base\'s aliases if they are the same model, or set base_match = "warn".'
     )
     if policy.base_match == "warn":
         log.warning("%s Serving it anyway (base_match = warn).", message)
         return
     raise AdapterRejected(message)
+
+
+def _public_source(base: BaseSpec) -> str:
+    """`` (org/name)`` for a base from the Hub; nothing for a local folder, a server path."""
+    return f" ({base.source})" if is_hub_id(base.source) and not Path(base.source).exists() else ""
 
 
 def same_model(declared: str, names: tuple[str, ...]) -> bool:

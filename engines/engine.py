@@ -18,7 +18,7 @@ from engines.adapters import same_model
 from engines.catalog import Catalog
 from engines.errors import ContextLengthExceeded, EngineError, InvalidGenerationRequest
 from engines.generation import ChatMessage, GenerationEvent, GenerationRequest
-from engines.hub import CachedAdapter, cached_adapters
+from engines.hub import CachedAdapter, HubFetcher, cached_adapters
 from engines.kv_budget import batch_bound, kv_bytes_per_token
 from engines.memory import MemoryBudgets
 from engines.names import ModelName
@@ -80,6 +80,10 @@ class EngineLimits:
     prefix_cache_bytes: int = 256 * 2**20
     threads: int = 0
     lean_decode: bool = True
+    #: Deadline of one adapter fetch from the Hub, seconds (``[hub] fetch_timeout``).
+    fetch_timeout: float = 300.0
+    #: How long a "not on the Hub" answer is remembered, seconds (``[hub] negative_cache_seconds``).
+    negative_cache_seconds: float = 60.0
 
 
 def _decisions(entry: PoolEntry | None) -> MemoryDecisions | None:
@@ -97,7 +101,8 @@ class Engine:
         self._cached_scan: tuple[float, list[CachedAdapter]] | None = None
         self.budgets = MemoryBudgets(configured=limits.max_memory_bytes)
         self.budgets.for_device("cpu")  # measured (and logged) now, before anything is loaded
-        self.pool = ModelPool(catalog, budgets=self.budgets, max_models=limits.max_models)
+        self.hub = HubFetcher(timeout=limits.fetch_timeout, negative_ttl=limits.negative_cache_seconds)
+        self.pool = ModelPool(catalog, budgets=self.budgets, max_models=limits.max_models, fetcher=self.hub)
         self.scheduler = Scheduler(
             budgets=self.budgets,
             max_active=limits.max_batch,
@@ -181,6 +186,10 @@ class Engine:
             self._cached_scan = (now, cached_adapters())
         rows = []
         for adapter in self._cached_scan[1]:
+            try:
+                modified = int(adapter.folder.stat().st_mtime)
+            except OSError:  # removed since the scan: one gone folder must not fail the listing
+                continue
             for base in self.catalog.bases:
                 model_id = f"{base.name}+{adapter.repo_id}"
                 if (
@@ -192,7 +201,7 @@ class Engine:
                 rows.append(
                     ModelInfo(
                         id=model_id,
-                        created=int(adapter.folder.stat().st_mtime),
+                        created=modified,
                         owned_by="peft-gateway",
                         parent=base.name,
                         root=adapter.repo_id,
@@ -201,7 +210,16 @@ class Engine:
                 )
         return rows
 
+    def cancel_fetches(self) -> None:
+        """Fail every Hub fetch now waiting (and every later one): call it as shutdown begins.
+
+        A request waiting on a stalled Hub then gets its error at once instead of holding shutdown for
+        up to ``[hub] fetch_timeout``.
+        """
+        self.hub.cancel()
+
     def close(self) -> None:
+        self.cancel_fetches()
         self.scheduler.close()
 
     async def acquire(self, model: str) -> Lease:

@@ -6,6 +6,25 @@ class to a status code in one place (``gateway/errors.py``); the message is writ
 
 from __future__ import annotations
 
+import re
+
+# An absolute POSIX or Windows path (two components at least), as library messages embed them.
+_PATH_RE = re.compile(r"(?:(?<![\w.])/|\b[A-Za-z]:[\\/])(?:[^\s'\"`/\\:]+[/\\])+[^\s'\"`/\\:,;)]*")
+
+
+def public_text(exc: BaseException) -> str:
+    """``str(exc)`` with every absolute path cut to its last component, for a client's eyes.
+
+    Library errors (transformers, safetensors, peft) quote the files they failed on; the client may see
+    what went wrong but not where the server keeps its files. The log keeps the full text.
+    """
+
+    def last_part(match: re.Match[str]) -> str:
+        tail = re.split(r"[/\\]", match.group(0).rstrip("/\\"))[-1]
+        return f".../{tail}" if tail else "..."
+
+    return _PATH_RE.sub(last_part, str(exc))
+
 
 class EngineError(Exception):
     """Base class: something about a request the engine cannot serve."""
@@ -53,10 +72,33 @@ class AdapterAccessDenied(EngineError):
 
 
 class UpstreamUnavailable(EngineError):
-    """The Hub could not be reached or failed, and nothing usable is cached (502/503)."""
+    """The Hub failed in a way a retry may fix (5xx, timeout, cut download), nothing usable cached (503)."""
 
     param = "model"
     code = "upstream_unavailable"
+    #: Whether asking again soon can help: the gateway sends ``Retry-After`` only then, and otherwise
+    #: ``x-should-retry: false`` so that the openai SDK does not retry pointlessly.
+    retryable = True
+
+
+class UpstreamUnreachable(UpstreamUnavailable):
+    """No route to the Hub at all (connection refused, DNS failure, network unreachable) (502)."""
+
+    code = "upstream_unreachable"
+    retryable = False
+
+
+class UpstreamIntegrityError(UpstreamUnavailable):
+    """A file from the Hub does not match the sha256 the Hub lists for it; nothing was cached (502)."""
+
+    code = "upstream_integrity_error"
+    retryable = False
+
+
+class FetchCancelled(UpstreamUnavailable):
+    """The gateway is shutting down and cancelled a Hub fetch (503: another instance may serve it)."""
+
+    code = "fetch_cancelled"
 
 
 class ModelLoadFailed(EngineError):

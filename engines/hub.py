@@ -28,8 +28,9 @@ it completes, lands in the cache for the next attempt).
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -37,7 +38,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from engines.errors import AdapterAccessDenied, ModelNotFound, UpstreamUnavailable
+from engines.adapter_config import load_adapter_config
+from engines.errors import (
+    AdapterAccessDenied,
+    AdapterRejected,
+    EngineError,
+    FetchCancelled,
+    ModelNotFound,
+    UpstreamIntegrityError,
+    UpstreamUnavailable,
+    UpstreamUnreachable,
+    public_text,
+)
 
 log = logging.getLogger("peft_gateway.hub")
 
@@ -66,7 +78,232 @@ BASE_FILES = (
 
 
 class _DeadlineExceeded(Exception):
-    """The fetch did not finish within the ``timeout`` given to :func:`snapshot`."""
+    """The fetch did not finish within the fetcher's ``timeout``."""
+
+
+class _Cancelled(Exception):
+    """:meth:`HubFetcher.cancel` was called while the fetch waited."""
+
+
+#: How many failed lookups the negative cache remembers (invented names must not grow it without bound).
+NEGATIVE_CACHE_ENTRIES = 1024
+
+
+class HubFetcher:
+    """The engine's door to the Hub: deadline, shutdown cancellation, negative cache, cache hygiene.
+
+    One per engine (``Engine.hub``), never a module global. It adds to ``huggingface_hub``:
+
+    - a deadline per fetch (``[hub] fetch_timeout``) and :meth:`cancel`, which makes every waiting fetch
+      (and every later one) fail at once, so shutdown is not held by a stalled Hub;
+    - a short negative cache (``[hub] negative_cache_seconds``) of the Hub's "no such repo / revision /
+      no access" answers, so repeated requests for a missing adapter do not call the Hub each time;
+    - sha256 verification of the files the Hub lists with one (see :func:`verify_snapshot`);
+    - removal of ``.incomplete`` leftovers of killed downloads of the repo it fetches.
+    """
+
+    def __init__(
+        self,
+        *,
+        timeout: float | None = None,
+        negative_ttl: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.timeout = timeout
+        self.negative_ttl = negative_ttl
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cancelled = threading.Event()
+        self._waiting: set[threading.Event] = set()
+        self._negative: dict[tuple[str, str, str, str], tuple[float, EngineError]] = {}
+        #: Download threads still running per repo cache folder (abandoned ones included).
+        self._live: dict[str, int] = {}
+        #: (blob path, size, mtime_ns) of files whose sha256 was checked, so a hit costs no hashing.
+        self._verified: set[tuple[str, int, int]] = set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Fail every fetch now waiting on the Hub, and every later one (called at shutdown)."""
+        self._cancelled.set()
+        with self._lock:
+            waiting = list(self._waiting)
+        for event in waiting:
+            event.set()
+
+    def snapshot(
+        self,
+        repo_id: str,
+        *,
+        revision: str | None,
+        allow_patterns: tuple[str, ...],
+        token: str | None = None,
+        what: str = "adapter",
+        endpoint: str | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> Path:
+        """Download (or find in the cache) ``repo_id`` at ``revision``; typed errors instead of HTTP ones.
+
+        ``endpoint`` and ``cache_dir`` default to ``huggingface_hub``'s own (``HF_ENDPOINT``, ``HF_HUB_CACHE``).
+        """
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub.file_download import repo_folder_name
+
+        label = f"{repo_id}@{revision}" if revision else repo_id
+        if self.cancelled:
+            raise FetchCancelled(f"The gateway is shutting down; {what} '{label}' is not fetched.")
+        hub_url = endpoint or constants.ENDPOINT
+        # The token is part of the key: a repo refused without one may be readable with another.
+        key = (hub_url, repo_id, revision or "main", token or "")
+        remembered = self._remembered(key)
+        if remembered is not None:
+            raise remembered
+        cache_root = Path(cache_dir or constants.HF_HUB_CACHE)
+        repo_folder = cache_root / repo_folder_name(repo_id=repo_id, repo_type="model")
+        self._clean_incomplete(repo_folder)
+        started = time.perf_counter()
+
+        def download() -> str:
+            return snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=list(allow_patterns),
+                token=token,
+                endpoint=endpoint,
+                cache_dir=cache_dir,
+            )
+
+        try:
+            folder = Path(self._run(download, str(repo_folder), name=f"hub fetch {label}"))
+        except _Cancelled as exc:
+            raise FetchCancelled(
+                f"The gateway is shutting down; the fetch of {what} '{label}' was cancelled."
+            ) from exc
+        except _DeadlineExceeded as exc:
+            raise UpstreamUnavailable(
+                f"The Hub did not deliver {what} '{label}' within {self.timeout:g}s ([hub] fetch_timeout); "
+                "try again later."
+            ) from exc
+        except Exception as exc:  # every failure is translated; unknown ones re-raised
+            error = translate_error(exc, what=what, label=label, endpoint=hub_url)
+            if error is None:
+                raise
+            if _is_hub_answer(exc):
+                self._remember(key, error)
+            raise error from exc
+        verify_snapshot(folder, what=what, label=label, verified=self._verified)
+        self._clean_incomplete(repo_folder)
+        log.info("fetched %s %s in %.2fs -> %s", what, label, time.perf_counter() - started, folder)
+        return folder
+
+    # ------------------------------------------------------------------ negative cache
+
+    def _remembered(self, key: tuple[str, str, str, str]) -> EngineError | None:
+        with self._lock:
+            hit = self._negative.get(key)
+            if hit is None:
+                return None
+            expires, error = hit
+            if self._clock() >= expires:
+                del self._negative[key]
+                return None
+        log.debug("negative cache hit for %s", key[1])
+        return type(error)(error.message)
+
+    def _remember(self, key: tuple[str, str, str, str], error: EngineError) -> None:
+        if self.negative_ttl <= 0:
+            return
+        with self._lock:
+            now = self._clock()
+            for old in [k for k, (expires, _e) in self._negative.items() if expires <= now]:
+                del self._negative[old]
+            while len(self._negative) >= NEGATIVE_CACHE_ENTRIES:
+                del self._negative[next(iter(self._negative))]  # oldest first (insertion order)
+            self._negative[key] = (now + self.negative_ttl, error)
+
+    # ------------------------------------------------------------------ waiting with deadline and cancel
+
+    def _run(self, fn: Callable[[], T], repo_folder: str, *, name: str) -> T:
+        """``fn()`` on a daemon thread; give up at the deadline or on :meth:`cancel` (it then finishes alone)."""
+        outcome: dict[str, Any] = {}
+        wake = threading.Event()
+        done = threading.Event()
+        with self._lock:
+            self._live[repo_folder] = self._live.get(repo_folder, 0) + 1
+            self._waiting.add(wake)
+
+        def work() -> None:
+            try:
+                outcome["value"] = fn()
+            except BaseException as exc:  # handed to the caller, or logged if it has given up
+                outcome["error"] = exc
+                if "abandoned" in outcome:
+                    log.warning("%s failed after its caller gave up: %s", name, exc)
+            finally:
+                with self._lock:
+                    self._live[repo_folder] -= 1
+                    if not self._live[repo_folder]:
+                        del self._live[repo_folder]
+                done.set()
+                wake.set()
+
+        # A daemon thread: a fetch stuck on a silent socket must not keep the process from exiting.
+        try:
+            threading.Thread(target=work, name=name, daemon=True).start()
+            if self.cancelled:
+                wake.set()
+            wake.wait(self.timeout)
+        finally:
+            with self._lock:
+                self._waiting.discard(wake)
+        if not done.is_set():
+            outcome["abandoned"] = True
+            raise _Cancelled(name) if self.cancelled else _DeadlineExceeded(name)
+        if "error" in outcome:
+            raise outcome["error"]
+        value: T = outcome["value"]
+        return value
+
+    # ------------------------------------------------------------------ cache hygiene
+
+    def _clean_incomplete(self, repo_folder: Path) -> None:
+        """Remove ``blobs/*.incomplete`` of ``repo_folder`` that no download is writing.
+
+        ``huggingface_hub`` writes each download to a file of its own (``<etag>.<random>.incomplete``) and
+        never resumes another process's, so a killed download's file is garbage forever. Files of a
+        download still running in this process (even one whose caller gave up) are kept, and so are files
+        whose blob lock another process holds.
+        """
+        with self._lock:
+            if self._live.get(str(repo_folder)):
+                return
+        blobs = repo_folder / "blobs"
+        try:
+            leftovers = sorted(blobs.glob("*.incomplete"))
+        except OSError:
+            return
+        if not leftovers:
+            return
+        from filelock import FileLock, Timeout
+
+        locks = repo_folder.parent / ".locks" / repo_folder.name
+        for path in leftovers:
+            etag = path.name.split(".", 1)[0]
+            lock_file = locks / f"{etag}.lock"
+            try:
+                if lock_file.exists():
+                    with FileLock(str(lock_file), timeout=0):
+                        path.unlink(missing_ok=True)
+                else:
+                    path.unlink(missing_ok=True)
+            except Timeout:
+                continue  # another process is downloading this blob right now
+            except OSError as exc:
+                log.warning("could not remove stale download %s: %s", path, exc)
+                continue
+            log.info("removed stale partial download %s", path)
 
 
 def snapshot(
@@ -80,12 +317,20 @@ def snapshot(
     cache_dir: str | Path | None = None,
     timeout: float | None = None,
 ) -> Path:
-    """Download (or find in the cache) ``repo_id`` at ``revision``; typed errors instead of HTTP ones.
+    """:meth:`HubFetcher.snapshot` with a one-off fetcher (``timeout`` bounds the whole fetch in seconds)."""
+    return HubFetcher(timeout=timeout, negative_ttl=0).snapshot(
+        repo_id,
+        revision=revision,
+        allow_patterns=allow_patterns,
+        token=token,
+        what=what,
+        endpoint=endpoint,
+        cache_dir=cache_dir,
+    )
 
-    ``endpoint`` and ``cache_dir`` default to ``huggingface_hub``'s own (``HF_ENDPOINT``, ``HF_HUB_CACHE``).
-    ``timeout`` bounds the whole fetch in seconds (``None``: as long as ``huggingface_hub`` takes).
-    """
-    from huggingface_hub import snapshot_download
+
+def translate_error(exc: BaseException, *, what: str, label: str, endpoint: str) -> EngineError | None:
+    """The typed engine error for a ``snapshot_download`` failure, ``None`` for one that is not the Hub's."""
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -95,103 +340,204 @@ def snapshot(
         RevisionNotFoundError,
     )
 
-    started = time.perf_counter()
-    label = f"{repo_id}@{revision}" if revision else repo_id
-
-    def download() -> str:
-        return snapshot_download(
-            repo_id,
-            revision=revision,
-            allow_patterns=list(allow_patterns),
-            token=token,
-            endpoint=endpoint,
-            cache_dir=cache_dir,
-        )
-
-    try:
-        folder = _call_with_deadline(download, timeout, name=f"hub fetch {label}")
-    except _DeadlineExceeded as exc:
-        raise UpstreamUnavailable(
-            f"The Hub did not deliver {what} '{label}' within {timeout:g}s; try again later."
-        ) from exc
-    except GatedRepoError as exc:
-        raise AdapterAccessDenied(
+    repo_id = label.split("@", 1)[0]
+    revision = label.split("@", 1)[1] if "@" in label else None
+    if isinstance(exc, GatedRepoError):
+        return AdapterAccessDenied(
             f"The Hub refused access to {what} '{label}' (gated or private). Accept its licence on the Hub "
             "and set HF_TOKEN, or a token for it in the gateway config."
-        ) from exc
-    except RevisionNotFoundError as exc:
-        raise ModelNotFound(f"The {what} '{repo_id}' has no revision '{revision}' on the Hub.") from exc
-    except RepositoryNotFoundError as exc:
+        )
+    if isinstance(exc, RevisionNotFoundError):
+        return ModelNotFound(f"The {what} '{repo_id}' has no revision '{revision}' on the Hub.")
+    if isinstance(exc, RepositoryNotFoundError):
         if _status(exc) == 401:
-            raise AdapterAccessDenied(
+            return AdapterAccessDenied(
                 f"The Hub answered 401 for {what} '{label}': it does not exist or is private and needs a "
                 "token (set HF_TOKEN)."
-            ) from exc
-        raise ModelNotFound(f"The {what} '{label}' does not exist on the Hub.") from exc
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+            )
+        return ModelNotFound(f"The {what} '{label}' does not exist on the Hub.")
+    unreachable = _unreachable_cause(exc)
+    if isinstance(exc, LocalEntryNotFoundError | OfflineModeIsEnabled):
         if _is_offline(exc, OfflineModeIsEnabled):
-            raise ModelNotFound(
+            return ModelNotFound(
                 f"The {what} '{label}' is not (completely) in the local Hugging Face cache, and HF_HUB_OFFLINE "
                 "is set so the Hub is not asked. Run 'peft-gateway pull' where the Hub is reachable, or "
                 "unset HF_HUB_OFFLINE."
-            ) from exc
+            )
         status = _status(_cause(exc, HfHubHTTPError))
         if status in (401, 403):
-            raise AdapterAccessDenied(
+            return AdapterAccessDenied(
                 f"The Hub answered {status} for {what} '{label}'; set HF_TOKEN to a token with access."
-            ) from exc
-        detail = f" (HTTP {status})" if status is not None else ""
-        raise UpstreamUnavailable(
-            f"The Hub could not be reached or failed{detail} while fetching {what} '{label}', and it is not "
-            "in the local Hugging Face cache; try again later."
-        ) from exc
-    except HfHubHTTPError as exc:
+            )
+        if unreachable is not None:
+            return _unreachable(what, label, endpoint, unreachable)
+        detail = f"answered HTTP {status}" if status is not None else f"failed ({_cause_text(exc)})"
+        return UpstreamUnavailable(
+            f"The Hub {detail} while fetching {what} '{label}', and it is not in the local Hugging Face "
+            "cache; try again later."
+        )
+    if isinstance(exc, HfHubHTTPError):
         status = _status(exc)
         if status in (401, 403):
-            raise AdapterAccessDenied(
+            return AdapterAccessDenied(
                 f"The Hub answered {status} for {what} '{label}'; set HF_TOKEN to a token with access."
-            ) from exc
-        raise UpstreamUnavailable(
+            )
+        return UpstreamUnavailable(
             f"The Hub failed while fetching {what} '{label}' (HTTP {status}); try again later."
-        ) from exc
-    except _transport_errors() as exc:
-        raise UpstreamUnavailable(
+        )
+    if unreachable is not None:
+        return _unreachable(what, label, endpoint, unreachable)
+    if isinstance(exc, _transport_errors()):
+        return UpstreamUnavailable(
             f"The connection to the Hub failed while fetching {what} '{label}' "
-            f"({type(exc).__name__}: {exc}); try again later."
-        ) from exc
-    except (OSError, ValueError) as exc:
-        raise UpstreamUnavailable(f"Could not fetch {what} '{label}' from the Hub: {exc}") from exc
-    log.info("fetched %s %s in %.2fs -> %s", what, label, time.perf_counter() - started, folder)
-    return Path(folder)
+            f"({type(exc).__name__}: {public_text(exc)}); try again later."
+        )
+    if isinstance(exc, OSError | ValueError):
+        return UpstreamUnavailable(f"Could not fetch {what} '{label}' from the Hub: {public_text(exc)}")
+    return None
 
 
-def _call_with_deadline(fn: Callable[[], T], timeout: float | None, *, name: str) -> T:
-    """``fn()``, but give up waiting after ``timeout`` seconds (``fn`` then finishes in the background)."""
-    if timeout is None:
-        return fn()
-    outcome: dict[str, Any] = {}
-    done = threading.Event()
-    abandoned = threading.Event()
+def _unreachable(what: str, label: str, endpoint: str, cause: str) -> UpstreamUnreachable:
+    return UpstreamUnreachable(
+        f"The Hub at {endpoint} cannot be reached ({cause}), so {what} '{label}' could not be fetched, and "
+        "it is not in the local Hugging Face cache. This server has no route to the Hub: check its network "
+        "or HF_ENDPOINT, or 'peft-gateway pull' the adapter where the Hub is reachable."
+    )
 
-    def work() -> None:
+
+def _is_hub_answer(exc: BaseException) -> bool:
+    """True for the Hub's own "no such repo / revision / no access" answers, which are worth remembering."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    return isinstance(exc, GatedRepoError | RepositoryNotFoundError | RevisionNotFoundError)
+
+
+_UNREACHABLE_TEXTS = (
+    ("connection refused", "connection refused"),
+    ("name or service not known", "DNS lookup failed"),
+    ("nodename nor servname", "DNS lookup failed"),
+    ("temporary failure in name resolution", "DNS lookup failed"),
+    ("getaddrinfo failed", "DNS lookup failed"),
+    ("no address associated", "DNS lookup failed"),
+    ("network is unreachable", "network unreachable"),
+    ("no route to host", "no route to host"),
+)
+
+
+def _unreachable_cause(exc: BaseException) -> str | None:
+    """Why the Hub cannot be reached at all (refused, DNS, no route), ``None`` for other failures.
+
+    These are told apart from transient failures (5xx, timeouts, cut downloads) because retrying
+    within seconds cannot help them.
+    """
+    import errno
+    import socket
+
+    for item in _chain(exc):
+        if isinstance(item, socket.gaierror):
+            return "DNS lookup failed"
+        if isinstance(item, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(item, OSError) and item.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH):
+            return "no route to host"
+        if type(item).__name__ == "ConnectError" or isinstance(item, OSError):
+            text = str(item).lower()
+            for needle, cause in _UNREACHABLE_TEXTS:
+                if needle in text:
+                    return cause
+    return None
+
+
+def _cause_text(exc: BaseException) -> str:
+    root = _chain(exc)[-1]
+    return f"{type(root).__name__}: {public_text(root)}"[:200]
+
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def verify_snapshot(
+    folder: Path, *, what: str, label: str, verified: set[tuple[str, int, int]] | None = None
+) -> None:
+    """Check every file of a cached snapshot against the sha256 the Hub gave for it.
+
+    The expected hashes come from the Hub's file listing (``lfs.sha256``, which ``huggingface_hub``
+    keeps in the cache's ``trees/<commit>.json``) and from the blob's own name (``huggingface_hub``
+    stores an LFS file under the sha256 the Hub announced in ``X-Linked-Etag``). A file that does not
+    hash to them is removed from the cache, blob and snapshot link both, so the next attempt downloads it
+    again instead of serving bad bytes for good. ``verified`` remembers files already checked.
+    """
+    listed = _listed_sha256(folder)
+    for path in sorted(folder.rglob("*")):
         try:
-            outcome["value"] = fn()
-        except BaseException as exc:  # handed to the caller, or logged if it has given up
-            outcome["error"] = exc
-            if abandoned.is_set():
-                log.warning("%s failed after its caller gave up: %s", name, exc)
-        finally:
-            done.set()
+            if not path.is_file():
+                continue
+            blob = path.resolve()
+            stat = blob.stat()
+        except OSError:
+            continue
+        relative = path.relative_to(folder).as_posix()
+        expected = {sha for sha in (listed.get(relative), blob.name) if sha and _SHA256_RE.fullmatch(sha)}
+        if not expected:
+            continue
+        memo = (str(blob), stat.st_size, stat.st_mtime_ns)
+        if verified is not None and memo in verified:
+            continue
+        actual = _sha256(blob)
+        if expected == {actual}:
+            if verified is not None:
+                if len(verified) > 100_000:
+                    verified.clear()
+                verified.add(memo)
+            continue
+        want = sorted(expected - {actual})[0]
+        log.error(
+            "sha256 mismatch for %s %s file %s (%s): got %s, the Hub lists %s; removing it from the cache",
+            what,
+            label,
+            relative,
+            blob,
+            actual,
+            want,
+        )
+        for victim in (path, blob):
+            try:
+                victim.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not remove %s: %s", victim, exc)
+        raise UpstreamIntegrityError(
+            f"The Hub sent {what} '{label}' file '{relative}' with sha256 {actual[:16]}..., but lists it with "
+            f"sha256 {want[:16]}...: the download is corrupt or was tampered with. It was not kept in the "
+            "cache; if this persists, the Hub or a proxy in between serves wrong data."
+        )
 
-    # A daemon thread: a fetch stuck on a silent socket must not keep the process from exiting.
-    threading.Thread(target=work, name=name, daemon=True).start()
-    if not done.wait(timeout):
-        abandoned.set()
-        raise _DeadlineExceeded(name)
-    if "error" in outcome:
-        raise outcome["error"]
-    value: T = outcome["value"]
-    return value
+
+def _listed_sha256(folder: Path) -> dict[str, str]:
+    """``{path: sha256}`` of the LFS files in the Hub's listing of the snapshot's commit, if cached.
+
+    ``huggingface_hub`` 2.x saves the listing it fetched (``list_repo_tree``, with ``lfs.sha256``) next to
+    the snapshots; older versions do not, and then only the blob names are checked.
+    """
+    try:
+        from huggingface_hub._tree_cache import read_tree_cache
+
+        entries = read_tree_cache(str(folder.parents[1]), folder.name)
+    except Exception:  # a private module: any change in it only loses this check
+        return {}
+    listed: dict[str, str] = {}
+    for path, entry in (entries or {}).items():
+        sha = getattr(entry, "lfs_sha256", None)
+        if isinstance(sha, str):
+            listed[path] = sha.lower()
+    return listed
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _status(exc: BaseException | None) -> int | None:
@@ -253,21 +599,28 @@ class CachedAdapter:
 
 
 def cached_adapters(cache_dir: str | Path | None = None) -> list[CachedAdapter]:
-    """Adapters found in the HF cache (one entry per repo: its newest snapshot), without any network."""
+    """Adapters found in the HF cache (one entry per repo: its newest snapshot), without any network.
+
+    One bad folder (a config that is hostile, unreadable, or a link whose blob is gone) is skipped and
+    logged: it must never make the whole listing fail.
+    """
     from huggingface_hub import constants
 
     root = Path(cache_dir or constants.HF_HUB_CACHE)
+    candidates: list[tuple[float, Path]] = []
+    for config in root.glob("models--*/snapshots/*/adapter_config.json"):
+        try:
+            candidates.append((config.stat().st_mtime, config))
+        except OSError:
+            continue  # a snapshot link whose blob was removed
     found: dict[str, CachedAdapter] = {}
-    for config in sorted(
-        root.glob("models--*/snapshots/*/adapter_config.json"), key=lambda p: p.stat().st_mtime
-    ):
+    for _mtime, config in sorted(candidates):
         repo_folder = config.parents[2].name  # models--org--name
         repo_id = repo_folder.removeprefix("models--").replace("--", "/", 1)
         try:
-            data = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            continue
-        if not isinstance(data, dict) or str(data.get("peft_type", "")).upper() != "LORA":
+            data = load_adapter_config(config, repo_id)
+        except AdapterRejected as exc:
+            log.warning("skipping cached adapter %s (%s): %s", repo_id, config.parent, exc.message)
             continue
         base = data.get("base_model_name_or_path")
         found[repo_id] = CachedAdapter(

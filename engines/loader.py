@@ -21,7 +21,7 @@ from engines import hub
 from engines.adapters import AdapterFiles
 from engines.catalog import BaseSpec
 from engines.devices import auto_dtype_name
-from engines.errors import AdapterRejected, ModelLoadFailed
+from engines.errors import AdapterRejected, ModelLoadFailed, public_text
 
 log = logging.getLogger("peft_gateway.loader")
 
@@ -121,7 +121,8 @@ def base_folder(spec: BaseSpec) -> Path:
     if local.is_dir():
         return local
     if local.is_absolute() or spec.source.startswith((".", "~")):
-        raise ModelLoadFailed(f"Base model folder '{spec.source}' of '{spec.name}' does not exist.")
+        log.error("base model folder %r of %s does not exist", spec.source, spec.name)
+        raise ModelLoadFailed(f"The folder configured for base model '{spec.name}' does not exist.")
     return hub.snapshot(
         spec.source, revision=spec.revision, allow_patterns=hub.BASE_FILES, token=spec.token, what="model"
     )
@@ -161,9 +162,9 @@ def load_base(spec: BaseSpec, plan: BasePlan | None = None) -> LoadedModel:
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, RuntimeError, ImportError, KeyError, SafetensorError) as exc:
-        # SafetensorError (a corrupt or truncated .safetensors file) derives from none of the others;
-        # CheckpointError (engines.weights) is a ValueError.
-        raise ModelLoadFailed(f"Could not load base model '{spec.name}' from '{folder}': {exc}") from exc
+        # SafetensorError (a corrupt or truncated .safetensors file) derives from none of the others.
+        log.error("could not load base model %s from %s", spec.name, folder, exc_info=True)
+        raise ModelLoadFailed(f"Could not load base model '{spec.name}': {public_text(exc)}") from exc
     if spec.quantization == "none":
         model = cast(Any, model).to(spec.device)
         fuse_projections(model)
@@ -276,14 +277,14 @@ def check_adapter_fits(files: AdapterFiles, base: LoadedModel) -> None:
     if isinstance(targets, str):
         if not any(re.fullmatch(targets, name) for name in modules):
             raise AdapterRejected(
-                f"Adapter '{files.ref.key}' targets modules matching '{targets}', but base "
+                f"Adapter '{files.ref.label}' targets modules matching '{targets}', but base "
                 f"'{base.name}' has none."
             )
     else:
         missing = sorted(t for t in targets if t not in leaf_names and t not in modules)
         if missing and missing != ["all-linear"]:
             raise AdapterRejected(
-                f"Adapter '{files.ref.key}' targets modules {missing} that base '{base.name}' does not "
+                f"Adapter '{files.ref.label}' targets modules {missing} that base '{base.name}' does not "
                 f"have (it has e.g. {sorted(leaf_names)[:12]})."
             )
     _check_shapes(files, base, modules)
@@ -295,7 +296,9 @@ def _check_shapes(files: AdapterFiles, base: LoadedModel, modules: dict[str, Any
     try:
         shapes = {key: stored.shape for key, stored in read_header(files.weights_file).items()}
     except (OSError, CheckpointError) as exc:
-        raise AdapterRejected(f"Adapter '{files.ref.key}' has a corrupt weights file: {exc}") from exc
+        raise AdapterRejected(
+            f"Adapter '{files.ref.label}' has a corrupt weights file: {public_text(exc)}"
+        ) from exc
     for key, shape in shapes.items():
         match = re.match(r"^(?:base_model\.model\.)?(.*)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight$", key)
         if not match or len(shape) != 2:
@@ -304,7 +307,7 @@ def _check_shapes(files: AdapterFiles, base: LoadedModel, modules: dict[str, Any
         module = modules.get(module_path)
         if module is None:
             raise AdapterRejected(
-                f"Adapter '{files.ref.key}' has weights for '{module_path}', which base '{base.name}' "
+                f"Adapter '{files.ref.label}' has weights for '{module_path}', which base '{base.name}' "
                 "does not have: it was made for a different architecture."
             )
         in_features = getattr(module, "in_features", None) or getattr(module, "num_embeddings", None)
@@ -314,7 +317,7 @@ def _check_shapes(files: AdapterFiles, base: LoadedModel, modules: dict[str, Any
             got = shape[1]
         if want is not None and got != want:
             raise AdapterRejected(
-                f"Adapter '{files.ref.key}' does not fit base '{base.name}': '{module_path}' has "
+                f"Adapter '{files.ref.label}' does not fit base '{base.name}': '{module_path}' has "
                 f"{which} size {got} where the base has {want}. It was made for a different model size."
             )
 
@@ -365,7 +368,7 @@ def build_variant(base: LoadedModel, files: AdapterFiles, name: str) -> LoadedMo
     except Exception as exc:
         # The files are untrusted input: safetensors raises its own error types for a corrupt file.
         log.warning("merging adapter %s failed", files.ref.key, exc_info=True)
-        raise AdapterRejected(f"Adapter '{files.ref.key}' could not be merged: {exc}") from exc
+        raise AdapterRejected(f"Adapter '{files.ref.label}' could not be merged: {public_text(exc)}") from exc
     merged.eval()
     merged.requires_grad_(False)
     variant = LoadedModel(
@@ -487,7 +490,7 @@ def _check_weights_complete(files: AdapterFiles, peft_model: Any) -> None:
     ]
     if missing:
         raise AdapterRejected(
-            f"Adapter '{files.ref.key}' targets {len(missing)} LoRA matrices its weights file does not "
+            f"Adapter '{files.ref.label}' targets {len(missing)} LoRA matrices its weights file does not "
             f"hold (e.g. {missing[:3]}): the file is incomplete or was saved for a different model."
         )
 
@@ -505,7 +508,7 @@ def adapter_tokenizer(folder: Path, base_tokenizer: Any) -> Any:
         return base_tokenizer
     if len(tokenizer) != len(base_tokenizer):
         raise AdapterRejected(
-            f"Adapter in '{folder}' ships a tokenizer with {len(tokenizer)} tokens but the base has "
+            f"The adapter ships a tokenizer with {len(tokenizer)} tokens but the base has "
             f"{len(base_tokenizer)}; adapters that resize the vocabulary are not supported."
         )
     return tokenizer

@@ -168,9 +168,12 @@ class MultiLora:
             stack = self._stacks.get(module)
             rank = max(stack.rank if stack else 0, ranks.get(module, 0))
             element = layer.weight.element_size()
-            total += max(slots, stack.a.shape[0] if stack else 0) * rank * (
-                layer.in_features + layer.out_features
-            ) * element
+            total += (
+                max(slots, stack.a.shape[0] if stack else 0)
+                * rank
+                * (layer.in_features + layer.out_features)
+                * element
+            )
         return max(0, total - self.nbytes)
 
     def add(self, key: str, weights: LoraWeights) -> int:

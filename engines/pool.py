@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engines.adapters import (
+    ADAPTER_FETCH_TIMEOUT,
     AdapterFiles,
     AdapterRef,
     check_base_match,
@@ -24,6 +25,7 @@ from engines.adapters import (
 )
 from engines.catalog import BaseSpec, Catalog
 from engines.errors import AdapterRejected, InsufficientMemory, Overloaded
+from engines.hub import HubFetcher
 from engines.loader import (
     BasePlan,
     LoadedModel,
@@ -156,7 +158,10 @@ class ModelPool:
         base_loader: Callable[[BaseSpec, BasePlan], LoadedModel] = load_base,
         merge_after: int = 16,
         max_merged_per_base: int = 2,
+        fetcher: HubFetcher | None = None,
     ) -> None:
+        #: Hub access with the engine's deadline, negative cache and shutdown cancellation.
+        self.fetcher = fetcher or HubFetcher(timeout=ADAPTER_FETCH_TIMEOUT)
         self.merge_after = merge_after
         self.max_merged_per_base = max_merged_per_base
         self._adapter_requests: dict[str, int] = {}
@@ -347,7 +352,7 @@ class ModelPool:
         policy = self.catalog.policy
 
         def check() -> AdapterFiles:
-            folder = fetch_adapter(ref)
+            folder = fetch_adapter(ref, self.fetcher)
             files = read_adapter_files(ref, folder, policy)
             check_base_match(files, spec, policy)
             check_tensor_ranks(files, policy)
@@ -376,7 +381,9 @@ class ModelPool:
         else:
             reason = f"adapter_mode = {spec.adapter_mode!r}"
         registry = multilora_for(base.loaded.model)
-        self.make_room(model_id, registry.added_bytes(files.config, files.weights_file), device, what="unmerged")
+        self.make_room(
+            model_id, registry.added_bytes(files.config, files.weights_file), device, what="unmerged"
+        )
         return await run_on_own_thread(attach_unmerged, base.loaded, files, model_id, reason)
 
     def _lease(self, entry: PoolEntry, model_id: str) -> Lease:
@@ -427,7 +434,7 @@ class ModelPool:
             if not self._enforce_budget(loaded.device):
                 self._drop(entry)
                 raise Overloaded(
-                    f"Not enough room in the model cache for '{key}' "
+                    f"Not enough room in the model cache for '{loaded.name}' "
                     f"({mib(loaded.nbytes)}) while other models are in use; retry later "
                     "or raise [cache] max_memory.",
                     retry_after=5,

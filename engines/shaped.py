@@ -130,7 +130,9 @@ def write_llama_checkpoint(
         if len(dims) == 1:
             current[name] = torch.ones(dims, dtype=torch_dtype)
         else:
-            drawn = torch.empty(dims, dtype=torch_dtype, device=device).normal_(0.0, 0.02, generator=generator)
+            drawn = torch.empty(dims, dtype=torch_dtype, device=device).normal_(
+                0.0, 0.02, generator=generator
+            )
             current[name] = drawn.cpu()
         current_bytes += size
         total += size

@@ -168,7 +168,9 @@ def materialize(model: torch.nn.Module, device: str, groups: list[tuple[torch.nn
             module._parameters[name] = new
 
 
-def load_streaming(folder: Path, config: Any, dtype: torch.dtype, device: str, trust_remote_code: bool) -> Any:
+def load_streaming(
+    folder: Path, config: Any, dtype: torch.dtype, device: str, trust_remote_code: bool
+) -> Any:
     """The model in ``folder`` loaded with a peak of its weights plus one tensor, or ``None`` (see module)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 

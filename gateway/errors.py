@@ -25,7 +25,9 @@ from engines.errors import (
     ModelLoadFailed,
     ModelNotFound,
     Overloaded,
+    UpstreamIntegrityError,
     UpstreamUnavailable,
+    UpstreamUnreachable,
 )
 
 log = logging.getLogger("peft_gateway.errors")
@@ -80,6 +82,8 @@ _ENGINE_STATUS: tuple[tuple[type[EngineError], int], ...] = (
     (ContextLengthExceeded, 400),
     (InvalidGenerationRequest, 400),
     (Overloaded, 503),
+    (UpstreamUnreachable, 502),
+    (UpstreamIntegrityError, 502),
     (UpstreamUnavailable, 503),
     (ModelLoadFailed, 500),
 )
@@ -93,8 +97,11 @@ def from_engine(error: EngineError) -> APIError:
         headers["Retry-After"] = str(error.retry_after)
     elif isinstance(error, Overloaded):
         headers["x-should-retry"] = "false"  # the openai SDK's own switch: a retry cannot help
-    elif isinstance(error, UpstreamUnavailable):
+    elif isinstance(error, UpstreamUnavailable) and error.retryable:
         headers["Retry-After"] = "5"
+    elif isinstance(error, UpstreamUnavailable):
+        # The openai SDK retries every 5xx unless told not to; a retry cannot fix these.
+        headers["x-should-retry"] = "false"
     return APIError(status, error.message, param=error.param, code=error.code, headers=headers)
 
 

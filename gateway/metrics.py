@@ -20,18 +20,57 @@ from engines.engine import Engine, GenerationReport
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
+#: The ``model`` label of everything that is not a configured name or a model that loaded.
+OTHER = "other"
+#: At most this many model label values are learned from loaded models; later ones count as "other".
+MAX_MODEL_LABELS = 256
+
+
+class ModelLabels:
+    """Bounded ``model`` label values: clients choose model names, so they must not choose series.
+
+    A label is a configured base or ``base+alias``, or the public name of a model that loaded (learned
+    from the pool, at most :data:`MAX_MODEL_LABELS`). Pool keys map to those public names, so a local
+    adapter's server folder (part of its pool key) never becomes a label either. Anything else, such as
+    a thousand invented ``tiny+org/nonexistent-N`` that each missed the cache once, is ``"other"``.
+    """
+
+    def __init__(self, limit: int = MAX_MODEL_LABELS) -> None:
+        self.limit = limit
+        self._learned: dict[str, str] = {}  # pool key or model id -> label
+
+    def learn(self, engine: Engine) -> None:
+        for entry in engine.pool.entries():
+            name = entry.loaded.name
+            for alias in (entry.key, name):
+                if alias not in self._learned and len(self._learned) < self.limit:
+                    self._learned[alias] = name
+
+    def label(self, engine: Engine, name: str) -> str:
+        learned = self._learned.get(name)
+        if learned is not None:
+            return learned
+        catalog = engine.catalog
+        if any(name == base.name for base in catalog.bases):
+            return name
+        if any(name == f"{adapter.base}+{adapter.alias}" for adapter in catalog.adapters):
+            return name
+        return OTHER
+
 
 class _EngineCollector(Collector):
     """Pool and scheduler state, read when Prometheus scrapes."""
 
-    def __init__(self, engine_ref: Any) -> None:
+    def __init__(self, engine_ref: Any, labels: ModelLabels) -> None:
         self._engine_ref = engine_ref
+        self._labels = labels
 
     def collect(self) -> Iterator[Any]:
         engine: Engine | None = self._engine_ref()
         if engine is None:
             return
         stats = engine.pool.stats
+        self._labels.learn(engine)
         for name, values, help_text in (
             ("peft_gateway_model_loads", stats.loads, "Models (bases and merged variants) loaded."),
             ("peft_gateway_model_load_seconds", stats.load_seconds, "Seconds spent loading models."),
@@ -40,14 +79,15 @@ class _EngineCollector(Collector):
             ("peft_gateway_cache_evictions", stats.evictions, "Models evicted to stay within the budget."),
         ):
             family = CounterMetricFamily(name, help_text, labels=["model"])
-            for model, value in sorted(values.items()):
+            for model, value in sorted(self._by_label(engine, dict(values)).items()):
                 family.add_metric([model], float(value))
             yield family
         held = GaugeMetricFamily(
             "peft_gateway_model_bytes", "Bytes of weights held per loaded model.", labels=["model"]
         )
-        for entry in engine.pool.entries():
-            held.add_metric([entry.key], float(entry.loaded.nbytes))
+        nbytes: dict[str, float] = {entry.key: entry.loaded.nbytes for entry in engine.pool.entries()}
+        for model, value in sorted(self._by_label(engine, nbytes).items()):
+            held.add_metric([model], float(value))
         yield held
         yield GaugeMetricFamily(
             "peft_gateway_cache_bytes", "Bytes of weights held in total.", value=engine.pool.bytes_held
@@ -71,6 +111,14 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily(
             "peft_gateway_prefill_tokens", "Prompt tokens prefilled.", value=scheduler.stats.prefill_tokens
         )
+
+    def _by_label(self, engine: Engine, values: dict[str, float]) -> dict[str, float]:
+        """``values`` keyed by pool key, summed per bounded label."""
+        summed: dict[str, float] = {}
+        for key, value in values.items():
+            label = self._labels.label(engine, key)
+            summed[label] = summed.get(label, 0) + value
+        return summed
 
 
 class GatewayMetrics:
@@ -112,7 +160,8 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self._engine: Engine | None = None
-        self.registry.register(_EngineCollector(lambda: self._engine))
+        self.labels = ModelLabels()
+        self.registry.register(_EngineCollector(lambda: self._engine, self.labels))
         # Token counts per request id until the access log line is written (popped there).
         self._usage: dict[str, tuple[str, int, int]] = {}
 
@@ -137,16 +186,21 @@ class GatewayMetrics:
                 max(prompt, report.prompt_tokens),
                 completion + report.completion_tokens,
             )
-        self.tokens.labels(report.model, "prompt").inc(report.prompt_tokens)
-        self.tokens.labels(report.model, "completion").inc(report.completion_tokens)
-        self.finished.labels(report.model, report.finish_reason or "cancelled").inc()
+        model = self._model_label(report.model)
+        self.tokens.labels(model, "prompt").inc(report.prompt_tokens)
+        self.tokens.labels(model, "completion").inc(report.completion_tokens)
+        self.finished.labels(model, report.finish_reason or "cancelled").inc()
         if report.time_to_first_token is not None:
-            self.ttft_seconds.labels(report.model).observe(report.time_to_first_token)
+            self.ttft_seconds.labels(model).observe(report.time_to_first_token)
             decode_seconds = report.seconds - report.time_to_first_token
             if report.completion_tokens > 1 and decode_seconds > 0:
-                self.tokens_per_second.labels(report.model).observe(
-                    (report.completion_tokens - 1) / decode_seconds
-                )
+                self.tokens_per_second.labels(model).observe((report.completion_tokens - 1) / decode_seconds)
+
+    def _model_label(self, model: str) -> str:
+        if self._engine is None:
+            return OTHER
+        self.labels.learn(self._engine)
+        return self.labels.label(self._engine, model)
 
     def pop_usage(self, request_id: str) -> tuple[str, int, int] | None:
         """(model, prompt tokens, completion tokens) of a finished request, for its access log line."""

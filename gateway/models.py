@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from engines.engine import Engine, ModelInfo
+from engines.names import is_hub_id
 from gateway.errors import APIError
+
+
+def public_root(info: ModelInfo) -> str | None:
+    """``root`` as clients may see it: a Hub id, else the name the model is asked for by.
+
+    vLLM puts the adapter's path there; here a local base or adapter folder is a server path, which
+    clients must not learn, so it shows as the model's public name (alias, or the name relative to its
+    adapter root) instead.
+    """
+    root = info.root
+    if root is None:
+        return None
+    if is_hub_id(root) and not Path(root).expanduser().exists():
+        return root
+    if info.parent is None:
+        return info.id
+    adapter = info.id.split("+", 1)[1] if "+" in info.id else info.id
+    return adapter.rsplit("@", 1)[0]
 
 
 def model_card(info: ModelInfo) -> dict[str, Any]:
@@ -18,7 +38,7 @@ def model_card(info: ModelInfo) -> dict[str, Any]:
         "created": info.created,
         "owned_by": info.owned_by,
         "parent": info.parent,
-        "root": info.root,
+        "root": public_root(info),
         "loaded": info.loaded,
         "cached": info.cached or info.loaded,
         "dtype": info.dtype,

@@ -74,6 +74,13 @@ class EngineSettings(_Strict):
     lean_decode: bool = True
 
 
+class HubSettings(_Strict):
+    #: Deadline of one adapter fetch from the Hub; a stalled Hub fails the request after it (503).
+    fetch_timeout: float = Field(default=300.0, gt=0)
+    #: How long the Hub's "no such adapter" answer is remembered (0: not at all).
+    negative_cache_seconds: float = Field(default=60.0, ge=0)
+
+
 class Settings(BaseSettings):
     """Everything the gateway reads at start."""
 
@@ -93,6 +100,7 @@ class Settings(BaseSettings):
     base_match: Literal["strict", "warn"] = "strict"
     cache: CacheSettings = Field(default_factory=CacheSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    hub: HubSettings = Field(default_factory=HubSettings)
     demo: bool = False
 
     @classmethod

@@ -5,7 +5,9 @@ It speaks just enough of the Hub's HTTP API for the real ``huggingface_hub.snaps
 ``huggingface_hub.constants.ENDPOINT``) to download a model repo:
 
 - ``GET /api/models/{repo_id}`` and ``GET /api/models/{repo_id}/revision/{revision}``: model info with
-  ``sha`` and ``siblings`` (``snapshot_download`` resolves the revision to a commit with it);
+  ``sha`` and ``siblings`` (``snapshot_download`` resolves the revision to a commit with it); with
+  ``?blobs=true`` (``HfApi.model_info(files_metadata=True)``) siblings carry ``size``, ``blobId`` and, for
+  LFS files, ``lfs.sha256`` as on the Hub;
 - ``GET /api/models/{repo_id}/tree/{revision}[/{path}]``: the file listing (``oid``, ``size``, ``lfs``)
   that ``snapshot_download`` filters with ``allow_patterns``;
 - ``HEAD`` / ``GET /{repo_id}/resolve/{revision}/{filename}``: the file, with ``X-Repo-Commit``, ``ETag``
@@ -57,7 +59,9 @@ MAX_STALL_S = 5.0
 LFS_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.model", "*.h5", "*.msgpack")
 
 #: Failure modes accepted by :meth:`HubServer.fail`.
-MODES = ("not_found", "unauthorized", "gated", "forbidden", "error", "truncate", "short", "stall")
+MODES = ("not_found", "unauthorized", "gated", "forbidden", "error", "truncate", "short", "corrupt", "stall")
+#: Modes that change a file's body rather than the answer (only a file GET has one).
+BODY_MODES = ("truncate", "short", "corrupt")
 
 #: Which requests a fault applies to (``on=`` of :meth:`HubServer.fail`).
 TARGETS = ("all", "api", "info", "tree", "resolve", "head", "get")
@@ -133,7 +137,7 @@ class Fault:
         if self.files and (filename is None or not any(fnmatch.fnmatch(filename, p) for p in self.files)):
             return False
         # only a body can be cut short
-        return self.mode not in ("truncate", "short") or (kind == "resolve" and method == "GET")
+        return self.mode not in BODY_MODES or (kind == "resolve" and method == "GET")
 
 
 @dataclass(frozen=True)
@@ -288,6 +292,8 @@ class HubServer:
             (default: half) and closes the connection; a resumed (``Range``) GET then gets no body at all;
           - ``short``: a file GET is a complete HTTP response whose body (and ``Content-Length``) is
             shorter than the size the HEAD announced;
+          - ``corrupt``: a file GET is complete and as announced (size, ``ETag``, ``X-Linked-Etag``, the
+            listed ``lfs.sha256``) but its bytes are other ones (each byte inverted): a tampering proxy;
           - ``stall``: accept the request, answer nothing for ``stall_s`` seconds (bounded by
             ``MAX_STALL_S``), then close the connection.
 
@@ -447,7 +453,7 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
                 if fault is not None and fault.mode == "stall":
                     server._stopping.wait(fault.stall_s)
                     self._drop()
-                elif fault is not None and fault.mode not in ("truncate", "short"):
+                elif fault is not None and fault.mode not in BODY_MODES:
                     self._send_fault(fault, method)
                 elif kind == "other" or repo_id is None:
                     self._send_json(404, {"error": "Not Found"}, method)
@@ -489,7 +495,8 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
                 self._send_error(404, "RevisionNotFound", f"Invalid rev id: {revision}", method)
                 return
             if kind == "info":
-                self._send_json(200, _model_info(repo_id, commit), method)
+                blobs = query.get("blobs", ["false"])[0].lower() in ("1", "true")
+                self._send_json(200, _model_info(repo_id, commit, blobs=blobs), method)
             elif kind == "tree":
                 recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
                 self._send_json(200, _tree(commit, filename, recursive), method)
@@ -521,6 +528,8 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
                 status = 206
                 headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
                 data = data[start:]
+            if fault is not None and fault.mode == "corrupt":
+                data = bytes(255 - byte for byte in data)
             if fault is not None and fault.mode == "short":
                 keep = fault.keep_bytes if fault.keep_bytes is not None else len(data) // 2
                 data = data[:keep]
@@ -602,7 +611,18 @@ def _range_start(value: str | None) -> int | None:
     return int(first) if first.isdigit() else None
 
 
-def _model_info(repo_id: str, commit: Commit) -> dict[str, Any]:
+def _model_info(repo_id: str, commit: Commit, *, blobs: bool = False) -> dict[str, Any]:
+    """The repo info; with ``?blobs=true`` (``files_metadata=True``) each sibling has size, blob id and,
+    for LFS files, ``lfs: {sha256, size, pointerSize}`` as the Hub gives them."""
+    siblings: list[dict[str, Any]] = []
+    for name in sorted(commit.files):
+        sibling: dict[str, Any] = {"rfilename": name}
+        if blobs:
+            entry = commit.files[name]
+            sibling.update(size=len(entry.data), blobId=entry.blob_id)
+            if entry.lfs:
+                sibling["lfs"] = {"sha256": entry.sha256, "size": len(entry.data), "pointerSize": 134}
+        siblings.append(sibling)
     return {
         "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24],
         "id": repo_id,
@@ -616,7 +636,7 @@ def _model_info(repo_id: str, commit: Commit) -> dict[str, Any]:
         "tags": ["peft"],
         "lastModified": "2024-01-01T00:00:00.000Z",
         "createdAt": "2024-01-01T00:00:00.000Z",
-        "siblings": [{"rfilename": name} for name in sorted(commit.files)],
+        "siblings": siblings,
     }
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.settings import HubSettings
 from tests.conftest import RunningServer, TinyModels
 from tests.e2e.conftest import tiny_settings
 from tests.hub_server import HubServer, use_hub_server
@@ -34,7 +35,11 @@ def hub(tiny_models: TinyModels) -> Iterator[HubServer]:
 
 @pytest.fixture(scope="module")
 def gateway(start_server: Any, tiny_models: TinyModels) -> RunningServer:
-    server: RunningServer = start_server(tiny_settings(tiny_models))
+    # No negative cache: these tests heal the Hub and ask again at once (tests/e2e/test_hostile_adapters.py
+    # checks the cache itself).
+    server: RunningServer = start_server(
+        tiny_settings(tiny_models, hub=HubSettings(negative_cache_seconds=0))
+    )
     return server
 
 

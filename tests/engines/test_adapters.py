@@ -402,9 +402,9 @@ def test_ranks_come_from_the_tensors_not_the_config(adapter_copy: Callable[..., 
         for key, value in tensors.items()
     }
     save_file(bigger, str(weights))
-    with pytest.raises(AdapterRejected, match="has rank 64 but adapter_config.json declares"):
+    with pytest.raises(AdapterRejected, match=r"has rank 64 but adapter_config\.json declares"):
         check_tensor_ranks(read(folder), AdapterPolicy())
-    with pytest.raises(AdapterRejected, match="rank 64 .* above this gateway's maximum of 32"):
+    with pytest.raises(AdapterRejected, match=r"rank 64 .* above this gateway's maximum of 32"):
         check_tensor_ranks(read(folder), AdapterPolicy(max_rank=32))
 
 

@@ -379,7 +379,7 @@ def test_weights_file_without_lora_matrices_is_refused(
 ) -> None:
     folder = copy_adapter(tiny_models, tmp_path / "empty")
     save_file({}, str(folder / "adapter_model.safetensors"))
-    with pytest.raises(AdapterRejected, match="holds no LoRA matrices|does not hold"):
+    with pytest.raises(AdapterRejected, match=r"holds no LoRA matrices|does not hold"):
         build_variant(base32, read(folder), "tiny+empty")
 
 
