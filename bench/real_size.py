@@ -90,6 +90,8 @@ def run_scenario(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         args.device,
         "--tokens",
         str(args.tokens),
+        "--repeats",
+        str(args.repeats),
         "--clients",
         *[str(c) for c in args.clients],
         "--scenario",
@@ -215,10 +217,12 @@ def scenario(args: argparse.Namespace) -> dict[str, Any]:
         lease.release()
         await stream_rate(engine, adapter_model, max(args.clients), 4)  # warm-up at every batch size
         for clients in args.clients:
-            for label, model in (("base", "llama-2-chat-7b"), ("adapter", adapter_model)):
+            for label, model in (("base", "llama-2-chat-7b"), ("adapter", adapter_model)) * args.repeats:
                 rate = await stream_rate(engine, model, clients, args.tokens)
-                result[f"{label}_{clients}_tok_s"] = round(rate["tokens_per_s"], 3)
-                result[f"{label}_{clients}_ttft_s"] = round(rate["ttft_s"], 3)
+                key = f"{label}_{clients}_tok_s"
+                if rate["tokens_per_s"] > result.get(key, 0.0):  # best of the repeats, alternating
+                    result[key] = round(rate["tokens_per_s"], 3)
+                    result[f"{label}_{clients}_ttft_s"] = round(rate["ttft_s"], 3)
             if not args.no_raw:
                 raw = raw_generate_rate(base_model, tokenizer, clients, args.tokens)
                 result[f"raw_generate_{clients}_tok_s"] = round(raw, 3)
@@ -254,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--no-raw", action="store_true", help="skip raw transformers generate")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating base/adapter runs; best kept")
     parser.add_argument("--scenario", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     hub = args.root / args.shape / "hub"
