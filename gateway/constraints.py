@@ -110,7 +110,8 @@ def plan(
     forced = forced_function(body, [name for name, _ in specs])
     if forced is not None:
         chosen = [spec for spec in specs if spec[0] in forced]
-        constraint = Constraint.lark(call_grammar(fmt, chosen, parallel), param="tools")
+        named = isinstance(body.tool_choice, dict)  # OpenAI: a named function is called exactly once
+        constraint = Constraint.lark(call_grammar(fmt, chosen, parallel and not named), param="tools")
     return constraint, tool_plan
 
 
