@@ -148,7 +148,10 @@ def test_json_object_is_a_json_object(client: openai.OpenAI) -> None:
 
 def test_max_tokens_cutting_a_constrained_answer_finishes_with_length(client: openai.OpenAI) -> None:
     response = client.chat.completions.create(
-        model="hermes", messages=ASK, response_format=RESPONSE_FORMAT, max_tokens=3  # type: ignore[arg-type]
+        model="hermes",
+        messages=ASK,
+        response_format=RESPONSE_FORMAT,
+        max_tokens=3,  # type: ignore[arg-type]
     )
     assert response.choices[0].finish_reason == "length"
     assert (response.choices[0].message.content or "").startswith("{")
@@ -159,7 +162,10 @@ def test_constrained_and_free_rows_share_a_batch(server: RunningServer, client: 
 
     def constrained(_: int) -> str:
         response = client.chat.completions.create(
-            model="hermes", messages=ASK, response_format=RESPONSE_FORMAT, max_tokens=160  # type: ignore[arg-type]
+            model="hermes",
+            messages=ASK,
+            response_format=RESPONSE_FORMAT,
+            max_tokens=160,  # type: ignore[arg-type]
         )
         return response.choices[0].message.content or ""
 
@@ -187,7 +193,10 @@ def test_structured_output_streams(client: openai.OpenAI) -> None:
     "response_format",
     [
         {"type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "objec"}}},
-        {"type": "json_schema", "json_schema": {"name": "lookaround", "schema": {"type": "string", "pattern": "(?<=a)b"}}},
+        {
+            "type": "json_schema",
+            "json_schema": {"name": "lookaround", "schema": {"type": "string", "pattern": "(?<=a)b"}},
+        },
         {"type": "json_schema", "json_schema": {"name": "not", "schema": {"not": {"type": "string"}}}},
         {"type": "json_schema"},
     ],
@@ -304,7 +313,10 @@ def test_auto_tool_calls_are_parsed_from_the_output(client: openai.OpenAI) -> No
 def test_a_call_to_an_unknown_function_stays_text(client: openai.OpenAI) -> None:
     call_schema = {
         "type": "object",
-        "properties": {"name": {"const": "launch_rockets"}, "parameters": {"type": "object", "maxProperties": 0}},
+        "properties": {
+            "name": {"const": "launch_rockets"},
+            "parameters": {"type": "object", "maxProperties": 0},
+        },
         "required": ["name", "parameters"],
         "additionalProperties": False,
     }
@@ -352,7 +364,10 @@ def test_a_tool_result_round_trip_continues_the_conversation(client: openai.Open
         {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"},
     ]
     second = client.chat.completions.create(
-        model="hermes", messages=history, tools=[WEATHER], max_tokens=5  # type: ignore[list-item]
+        model="hermes",
+        messages=history,
+        tools=[WEATHER],
+        max_tokens=5,  # type: ignore[list-item]
     )
     assert second.choices[0].finish_reason in {"stop", "length", "tool_calls"}
     assert second.usage and second.usage.prompt_tokens > (first.usage.prompt_tokens if first.usage else 0)

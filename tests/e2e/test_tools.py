@@ -72,7 +72,12 @@ def test_tools_are_refused_for_a_template_without_tool_support(server: RunningSe
 def test_a_forced_call_uses_the_hermes_format_when_the_template_shows_none(server: RunningServer) -> None:
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
         response = chat(
-            server, model="with-tools", tools=TOOLS, tool_choice=choice, max_tokens=120, parallel_tool_calls=False
+            server,
+            model="with-tools",
+            tools=TOOLS,
+            tool_choice=choice,
+            max_tokens=120,
+            parallel_tool_calls=False,
         )
         assert response.status_code == 200, response.text
         result = response.json()["choices"][0]
