@@ -39,7 +39,8 @@ class Constraint:
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any], param: str = "response_format") -> Constraint:
-        return cls("json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")), param)
+        closed = closed_objects(schema)
+        return cls("json_schema", json.dumps(closed, sort_keys=True, separators=(",", ":")), param)
 
     @classmethod
     def lark(cls, grammar: str, param: str = "tool_choice") -> Constraint:
@@ -55,6 +56,23 @@ class Constraint:
             except ValueError as exc:
                 raise InvalidGenerationRequest(f"Invalid JSON schema: {exc}", param=self.param) from exc
         return str(llguidance.LLMatcher.grammar_from_lark(self.source))
+
+
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object that lists properties and is silent.
+
+    The output still validates against the original schema (it is a subset), but the model cannot
+    invent keys nobody declared: a small model given an open object writes extra free-text keys until
+    the token limit, where the schema's own properties would have completed it.
+    """
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    result = {key: closed_objects(value) for key, value in schema.items()}
+    if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema:
+        result["additionalProperties"] = False
+    return result
 
 
 class CompiledGrammar:

@@ -23,7 +23,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from engines.grammar import JSON_OPTIONS
+from engines.grammar import JSON_OPTIONS, closed_objects
 
 ToolFormat = Literal["hermes", "llama3_json", "mistral"]
 FORMATS: tuple[ToolFormat, ...] = ("hermes", "llama3_json", "mistral")
@@ -272,7 +272,7 @@ def call_grammar(fmt: ToolFormat, functions: list[tuple[str, dict[str, Any]]], p
     options = [
         {
             "type": "object",
-            "properties": {"name": {"const": name}, key: parameters or {"type": "object"}},
+            "properties": {"name": {"const": name}, key: closed_objects(parameters or {"type": "object"})},
             "required": ["name", key],
             "additionalProperties": False,
         }

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from engines.tiny import save_tiny_adapter
 from gateway.settings import AdapterSettings, ModelSettings, Settings
 from tests.conftest import RunningServer, TinyModels
+from tests.e2e.test_compat_tools import loopback_only as loopback_only  # fixture: clients stay on loopback
 
 pytestmark = pytest.mark.e2e
 
@@ -371,3 +372,45 @@ def test_a_tool_result_round_trip_continues_the_conversation(client: openai.Open
     )
     assert second.choices[0].finish_reason in {"stop", "length", "tool_calls"}
     assert second.usage and second.usage.prompt_tokens > (first.usage.prompt_tokens if first.usage else 0)
+
+
+# ---------------------------------------------------------------------------------------------- LangChain
+
+
+@pytest.fixture
+def chat_openai(loopback_only: list[Any]) -> Any:
+    return pytest.importorskip("langchain_openai").ChatOpenAI
+
+
+def test_langchain_bind_tools_agent_loop_with_a_tool_result(server: RunningServer, chat_openai: Any) -> None:
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+
+    @tool
+    def get_weather(city: Literal["Paris", "Rome"]) -> str:
+        """Current weather in a city."""
+        return f"sunny in {city}"
+
+    llm = chat_openai(base_url=server.v1, api_key="unused", model="hermes", temperature=0, max_tokens=160)
+    messages: list[Any] = [HumanMessage("What is the weather in Paris?")]
+    request = llm.bind_tools([get_weather], tool_choice="get_weather", parallel_tool_calls=False)
+    reply = request.invoke(messages)
+    assert reply.response_metadata["finish_reason"] == "tool_calls"
+    assert [call["name"] for call in reply.tool_calls] == ["get_weather"]
+    messages.append(reply)
+    for call in reply.tool_calls:
+        messages.append(ToolMessage(get_weather.invoke(call["args"]), tool_call_id=call["id"]))
+    final = llm.bind_tools([get_weather]).bind(max_tokens=6).invoke(messages)
+    assert isinstance(final.content, str) and not final.tool_calls
+    assert (
+        final.usage_metadata and final.usage_metadata["input_tokens"] > reply.usage_metadata["input_tokens"]
+    )
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling"])
+def test_langchain_with_structured_output(server: RunningServer, chat_openai: Any, method: str) -> None:
+    llm = chat_openai(
+        base_url=server.v1, api_key="unused", model="hermes+lora", temperature=0, max_tokens=160
+    )
+    result = llm.with_structured_output(Report, method=method).invoke("Report on Paris.")
+    assert isinstance(result, Report)

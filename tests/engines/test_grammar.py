@@ -87,3 +87,18 @@ def test_a_bad_tool_grammar_names_its_own_param(tokenizer: Any) -> None:
             tokenizer, Constraint.lark('start: %json {"not": {}}', param="tools"), eos(tokenizer)
         )
     assert caught.value.param == "tools"
+
+
+def test_objects_that_declare_properties_are_closed_unless_the_schema_says_otherwise() -> None:
+    from engines.grammar import closed_objects
+
+    schema = {
+        "type": "object",
+        "properties": {"inner": {"type": "object", "properties": {"x": {"type": "integer"}}}},
+        "anyOf": [{"properties": {"y": {}}, "additionalProperties": True}],
+    }
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["inner"]["additionalProperties"] is False
+    assert closed["anyOf"][0]["additionalProperties"] is True
+    assert closed_objects({"type": "object"}) == {"type": "object"}
