@@ -170,6 +170,37 @@ def bench_outlines_core(tokenizer: Any, tokens: list[int]) -> dict[str, float]:
     return {"compile_ms": compile_s * 1e3, **_step_stats(steps)}
 
 
+def bench_engine_overhead(tokenizer: Any, tokens: list[int]) -> dict[str, float]:
+    """The gateway's own per-token cost: a free sampler step vs mask + masked step + advance (llguidance)."""
+    import torch
+
+    from engines.grammar import Constraint, GrammarCache
+    from engines.sampling import Sampler, SamplingParams
+
+    compiled = GrammarCache().compile(
+        tokenizer, Constraint.json_schema(SCHEMA), frozenset({tokenizer.eos_token_id})
+    )
+    matcher = compiled.matcher()
+    sampler = Sampler(SamplingParams(temperature=0.0))  # greedy: the mask, not the RNG, is measured
+    logits = torch.randn(len(tokenizer))
+    free, constrained = [], []
+    for _ in tokens:  # two separate loops: interleaving them measured each one's cache misses twice
+        start = time.perf_counter()
+        sampler.choose(logits)
+        free.append(time.perf_counter() - start)
+    for token in tokens:
+        start = time.perf_counter()
+        sampler.choose(logits, matcher.allowed(len(tokenizer)))
+        matcher.consume(token)
+        constrained.append(time.perf_counter() - start)
+    return {
+        "free_step_p50_us": statistics.median(free) * 1e6,
+        "constrained_step_p50_us": statistics.median(constrained) * 1e6,
+        "overhead_p50_us": (statistics.median(constrained) - statistics.median(free)) * 1e6,
+        "overhead_mean_us": (statistics.fmean(constrained) - statistics.fmean(free)) * 1e6,
+    }
+
+
 def _step_stats(steps: list[float]) -> dict[str, float]:
     return {
         "step_p50_us": statistics.median(steps) * 1e6,
@@ -179,11 +210,24 @@ def _step_stats(steps: list[float]) -> dict[str, float]:
 
 
 def main() -> None:
+    import torch
+
+    # One sampler step is too small to gain from threads; on a shared machine a preempted second
+    # thread only adds stalls. The gateway's engine thread sets its own count (``[engine] threads``).
+    torch.set_num_threads(1)
     tokenizer = bench_tokenizer()
     text = json.dumps(INSTANCE, separators=(",", ":"))
     tokens = tokenizer.encode(text, add_special_tokens=False)
     print(f"vocabulary {len(tokenizer)}, instance {len(text)} chars = {len(tokens)} tokens")
     results: dict[str, dict[str, float]] = {}
+    # First, before any other library has started its own thread pools on these two cores.
+    spaced = tokenizer.encode(json.dumps(INSTANCE), add_special_tokens=False)  # the gateway's separators
+    results["engine"] = overhead = bench_engine_overhead(tokenizer, spaced)
+    print(
+        f"engine sampler step, 49k vocab: free {overhead['free_step_p50_us']:.1f} us, constrained "
+        f"{overhead['constrained_step_p50_us']:.1f} us (p50): +{overhead['overhead_p50_us']:.1f} us p50, "
+        f"+{overhead['overhead_mean_us']:.1f} us mean per token"
+    )
     for name, fn in (
         ("llguidance", bench_llguidance),
         ("xgrammar", bench_xgrammar),

@@ -39,8 +39,8 @@ class Constraint:
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any], param: str = "response_format") -> Constraint:
-        closed = closed_objects(schema)
-        return cls("json_schema", json.dumps(closed, sort_keys=True, separators=(",", ":")), param)
+        # Key order kept: the grammar makes the model write properties in the schema's order.
+        return cls("json_schema", json.dumps(closed_objects(schema), separators=(",", ":")), param)
 
     @classmethod
     def lark(cls, grammar: str, param: str = "tool_choice") -> Constraint:
@@ -96,15 +96,18 @@ class GrammarMatcher:
         self._matcher = matcher
         self._words = (vocab_size + 31) // 32
         self._bitmask = torch.zeros((1, self._words), dtype=torch.int32)
-        self._shifts = torch.arange(32, dtype=torch.int32)
 
     def allowed(self, vocab: int) -> Any:
         """A bool tensor ``[vocab]``: True where the grammar allows the token next."""
         import torch
 
+        import numpy
+
         row = self._bitmask[0]
         self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
-        bits = ((row.unsqueeze(-1) >> self._shifts) & 1).reshape(-1).bool()
+        # Bit i of word w is token 32*w + i (little-endian words): unpack the bytes least bit first.
+        unpacked = numpy.unpackbits(row.numpy().view(numpy.uint8), bitorder="little")
+        bits = torch.from_numpy(unpacked.view(numpy.bool_))
         if bits.shape[0] >= vocab:
             return bits[:vocab]
         return torch.cat([bits, torch.zeros(vocab - bits.shape[0], dtype=torch.bool)])
