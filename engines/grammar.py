@@ -99,9 +99,8 @@ class GrammarMatcher:
 
     def allowed(self, vocab: int) -> Any:
         """A bool tensor ``[vocab]``: True where the grammar allows the token next."""
-        import torch
-
         import numpy
+        import torch
 
         row = self._bitmask[0]
         self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())

@@ -112,13 +112,14 @@ def client(server: RunningServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.v1, api_key="unused", max_retries=0, timeout=120)
 
 
+@pytest.mark.slow
 def test_json_schema_output_validates_for_every_choice_and_adapter(client: openai.OpenAI) -> None:
     for model in ("hermes", "hermes+lora", "hermes-multi+lora-multi"):
         response = client.chat.completions.create(
             model=model,
             messages=ASK,
             response_format=RESPONSE_FORMAT,  # type: ignore[arg-type]
-            n=3,
+            n=2,
             temperature=1.0,
             seed=7,
             max_tokens=160,
@@ -233,6 +234,7 @@ def test_a_named_tool_choice_forces_a_valid_call(client: openai.OpenAI) -> None:
         assert not choice.message.content
 
 
+@pytest.mark.slow
 def test_required_without_parallel_calls_gives_exactly_one_call(client: openai.OpenAI) -> None:
     response = client.chat.completions.create(
         model="hermes",

@@ -102,3 +102,24 @@ def test_objects_that_declare_properties_are_closed_unless_the_schema_says_other
     assert closed["properties"]["inner"]["additionalProperties"] is False
     assert closed["anyOf"][0]["additionalProperties"] is True
     assert closed_objects({"type": "object"}) == {"type": "object"}
+
+
+def test_grammars_compile_off_the_event_loop_thread(tokenizer: Any) -> None:
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from engines.engine import Engine
+
+    threads: list[threading.Thread] = []
+
+    class Recording(GrammarCache):
+        def compile(self, *args: Any) -> Any:
+            threads.append(threading.current_thread())
+            return super().compile(*args)
+
+    engine = SimpleNamespace(grammars=Recording())
+    lease = SimpleNamespace(loaded=SimpleNamespace(tokenizer=tokenizer, eos_token_ids=eos(tokenizer)))
+    compiled = asyncio.run(Engine.compile_grammar(engine, lease, Constraint.json_schema(SCHEMA)))  # type: ignore[arg-type]
+    assert compiled.matcher().allowed(len(tokenizer)).any()
+    assert threads and threads[0] is not threading.main_thread()
