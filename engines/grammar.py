@@ -17,7 +17,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from engines.errors import InvalidGenerationRequest
+from engines.errors import EngineError, InvalidGenerationRequest
 
 #: Compact JSON (no free whitespace): a weak model cannot pad its answer with endless blank lines.
 JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -107,6 +107,11 @@ class GrammarMatcher:
         # Bit i of word w is token 32*w + i (little-endian words): unpack the bytes least bit first.
         unpacked = numpy.unpackbits(row.numpy().view(numpy.uint8), bitorder="little")
         bits = torch.from_numpy(unpacked.view(numpy.bool_))
+        # The parser failed (a limit, an internal error): never sample from what it would allow then.
+        if self._matcher.is_error() or not bits.any():
+            raise EngineError(
+                f"Constrained decoding failed: {self._matcher.get_error() or 'no token allowed'}"
+            )
         if bits.shape[0] >= vocab:
             return bits[:vocab]
         return torch.cat([bits, torch.zeros(vocab - bits.shape[0], dtype=torch.bool)])

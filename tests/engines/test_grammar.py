@@ -123,3 +123,13 @@ def test_grammars_compile_off_the_event_loop_thread(tokenizer: Any) -> None:
     compiled = asyncio.run(Engine.compile_grammar(engine, lease, Constraint.json_schema(SCHEMA)))  # type: ignore[arg-type]
     assert compiled.matcher().allowed(len(tokenizer)).any()
     assert threads and threads[0] is not threading.main_thread()
+
+
+def test_a_parser_that_failed_raises_instead_of_sampling_from_an_empty_mask(tokenizer: Any) -> None:
+    from engines.errors import EngineError
+
+    matcher = GrammarCache().compile(tokenizer, Constraint.json_schema(SCHEMA), eos(tokenizer)).matcher()
+    with pytest.raises(InvalidGenerationRequest):
+        matcher.consume(tokenizer.encode("x", add_special_tokens=False)[0])  # not JSON: the parser fails
+    with pytest.raises(EngineError, match="Constrained decoding failed"):
+        matcher.allowed(len(tokenizer))
