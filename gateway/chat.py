@@ -231,6 +231,7 @@ async def _stream(
     want_logprobs = requests[0].sampling.logprobs
     completion_tokens = [0] * len(requests)
     parsers = [_tool_stream(tool_plan) for _ in requests]
+    held: list[list[dict[str, Any]]] = [[] for _ in requests]
     for index in range(len(requests)):
         yield chunk(
             [{"index": index, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]
@@ -239,14 +240,20 @@ async def _stream(
         if event.error is not None:
             raise event.error
         completion_tokens[index] = event.completion_tokens
-        entries = {"content": logprob_entries(event), "refusal": None} if want_logprobs else None
         parser = parsers[index]
         if parser is None:
+            entries = {"content": logprob_entries(event), "refusal": None} if want_logprobs else None
             events: list[Any] = (
                 [ContentDelta(event.text)] if event.text or (entries and entries["content"]) else []
             )
         else:
+            # Tokens held back (maybe call markup) keep their logprobs until their text is released as
+            # content; those of markup that became a call are not content and are not reported.
+            held[index].extend(logprob_entries(event))
             events = parser.feed(event.text) + (parser.finish() if event.finish_reason else [])
+            entries = {"content": held[index], "refusal": None} if want_logprobs else None
+            if events:
+                held[index] = []
         for choice in _delta_chunks(index, events, entries):
             yield chunk([choice])
         if event.finish_reason:

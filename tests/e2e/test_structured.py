@@ -416,3 +416,20 @@ def test_langchain_with_structured_output(server: RunningServer, chat_openai: An
     )
     result = llm.with_structured_output(Report, method=method).invoke("Report on Paris.")
     assert isinstance(result, Report)
+
+
+def test_streamed_content_keeps_its_logprobs_while_tools_are_offered(server: RunningServer) -> None:
+    body = {"model": "hermes", "messages": ASK, "tools": [WEATHER], "max_tokens": 12, "logprobs": True, "temperature": 0}
+    whole = httpx.post(f"{server.v1}/chat/completions", json=body, timeout=60).json()["choices"][0]
+    raw = httpx.post(f"{server.v1}/chat/completions", json={**body, "stream": True}, timeout=60)
+    chunks = [json.loads(line[6:]) for line in raw.text.splitlines() if line.startswith("data: {")]
+    streamed = [
+        entry["token"]
+        for c in chunks
+        if c["choices"] and c["choices"][0]["logprobs"]
+        for entry in c["choices"][0]["logprobs"]["content"]
+    ]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    if whole["message"].get("tool_calls") is None:  # the random model wrote text: every token is content
+        assert text == whole["message"]["content"]
+        assert streamed == [entry["token"] for entry in whole["logprobs"]["content"]]
