@@ -18,6 +18,7 @@ from engines.adapters import same_model
 from engines.catalog import Catalog
 from engines.errors import ContextLengthExceeded, EngineError, InvalidGenerationRequest
 from engines.generation import ChatMessage, GenerationEvent, GenerationRequest
+from engines.grammar import CompiledGrammar, Constraint, GrammarCache
 from engines.hub import CachedAdapter, HubFetcher, cached_adapters
 from engines.kv_budget import batch_bound, kv_bytes_per_token
 from engines.memory import MemoryBudgets
@@ -113,6 +114,7 @@ class Engine:
             lean_decode=limits.lean_decode,
         )
         self.reporters: list[Callable[[GenerationReport], None]] = []
+        self.grammars = GrammarCache()
 
     @property
     def catalog(self) -> Catalog:
@@ -245,6 +247,15 @@ class Engine:
         prompt = render_chat(lease.loaded.tokenizer, messages, tools)
         request = self._request(lease, prompt, max_tokens, sampling, stop, request_id, "messages")
         return dataclasses.replace(request, ignore_eos=ignore_eos) if ignore_eos else request
+
+    async def compile_grammar(self, lease: Lease, constraint: Constraint) -> CompiledGrammar:
+        """Compile (or find in the cache) ``constraint`` for the leased model's tokenizer.
+
+        Runs on a worker thread: a large schema can take a while to compile, and the event loop keeps
+        serving every other stream meanwhile. An invalid or unenforceable grammar raises a 400.
+        """
+        loaded = lease.loaded
+        return await asyncio.to_thread(self.grammars.compile, loaded.tokenizer, constraint, loaded.eos_token_ids)
 
     def text_request(
         self,

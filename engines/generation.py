@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engines.errors import EngineError
+from engines.grammar import CompiledGrammar
 from engines.sampling import SamplingParams
 
 
@@ -31,6 +32,8 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     request_id: str = ""
+    #: Constrained decoding (``Engine.compile_grammar``): every token of the output must fit it.
+    grammar: CompiledGrammar | None = None
 
 
 @dataclass(frozen=True)

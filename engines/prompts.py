@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from engines.errors import InvalidGenerationRequest
@@ -46,7 +47,7 @@ def render_chat(
         if message.name:
             entry["name"] = message.name
         if message.tool_calls:
-            entry["tool_calls"] = list(message.tool_calls)
+            entry["tool_calls"] = [template_tool_call(call) for call in message.tool_calls]
         if message.tool_call_id:
             entry["tool_call_id"] = message.tool_call_id
         conversation.append(entry)
@@ -60,6 +61,22 @@ def render_chat(
             f"The model's chat template rejected these messages: {exc}", param="messages"
         ) from exc
     return encode_text(tokenizer, str(text))
+
+
+def template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI tool call as chat templates expect it: ``arguments`` as a mapping, not JSON text.
+
+    Templates render ``arguments | tojson``; given OpenAI's string they would print it quoted and
+    escaped, so the model would see its own call in a form it never produced.
+    """
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 def encode_text(tokenizer: Any, text: str, *, add_special_tokens: bool = False) -> list[int]:

@@ -93,13 +93,19 @@ class Sampler:
             logits[ids] -= counts * p.frequency_penalty + p.presence_penalty
         return logits
 
-    def choose(self, logits: Any) -> TokenChoice:
-        """Pick the next token from a 1-D float tensor of vocabulary logits."""
+    def choose(self, logits: Any, allowed: Any = None) -> TokenChoice:
+        """Pick the next token from a 1-D float tensor of vocabulary logits.
+
+        ``allowed`` (a bool tensor over the vocabulary, from a grammar) restricts the choice; logprobs
+        stay those of the unconstrained model, as OpenAI reports them for structured outputs.
+        """
         import torch
 
         p = self.params
         raw = logits.float()
         adjusted = self._adjust(raw)
+        if allowed is not None:
+            adjusted = adjusted.masked_fill(~allowed, float("-inf"))
         if p.greedy:
             token_id = int(torch.argmax(adjusted))
         else:

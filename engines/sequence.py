@@ -35,6 +35,8 @@ class Sequence:
         self._sampler = Sampler(request.sampling, device=model.device)
         self._decoder = IncrementalDecoder(model.tokenizer)
         self._stops = StopStringFilter(request.stop)
+        #: The row's own grammar state (structured outputs, forced tool calls), or None for a free row.
+        self._grammar = request.grammar.matcher() if request.grammar is not None else None
 
     @property
     def prompt_tokens(self) -> int:
@@ -57,18 +59,26 @@ class Sequence:
 
     def step(self) -> None:
         """Pick a token from ``self.logits``, emit its text, and mark the sequence finished if done."""
-        choice = self._sampler.choose(self.logits)
+        grammar = self._grammar
+        allowed = grammar.allowed(self.logits.shape[-1]) if grammar is not None else None
+        choice = self._sampler.choose(self.logits, allowed)
         self.logits = None
         token_id = choice.token_id
         logprobs = self._logprobs(choice) if self.request.sampling.logprobs else ()
-        if token_id in self.model.eos_token_ids and not self.request.ignore_eos:
+        # Under a grammar, EOS is only allowed once the output is complete: it always ends the row.
+        if token_id in self.model.eos_token_ids and (grammar is not None or not self.request.ignore_eos):
             self.generated.append(token_id)
             self._finish("stop", logprobs=logprobs, count_token=True)
             return
         self.generated.append(token_id)
+        if grammar is not None:
+            grammar.consume(token_id)
         text = self._stops.feed(self._decoder.push(token_id))
         if self._stops.stopped:
             self._finish("stop", text=text, logprobs=logprobs, count_token=True, flush=False)
+            return
+        if grammar is not None and grammar.finished:  # the grammar allows nothing more: done
+            self._finish("stop", text=text, logprobs=logprobs, count_token=True)
             return
         if len(self.generated) >= self.request.max_tokens:
             self._finish("length", text=text, logprobs=logprobs, count_token=True)

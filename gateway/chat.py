@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -13,7 +14,9 @@ from starlette.responses import JSONResponse, Response
 from engines.engine import Engine
 from engines.generation import ChatMessage, GenerationRequest
 from engines.pool import Lease
+from engines.toolcalls import ContentDelta, ToolCallStream
 from gateway.cancellation import run_while_connected
+from gateway.constraints import ToolPlan, plan
 from gateway.errors import APIError
 from gateway.protocol import ChatCompletionRequest
 from gateway.requests import cap_tokens, check_choices, check_limits, parse_body, sampling_params
@@ -23,21 +26,6 @@ from gateway.streaming import chunk_writer, envelope, event_stream, logprob_entr
 
 def refuse_unsupported(body: ChatCompletionRequest) -> None:
     """Parameters this gateway cannot honour are refused, never silently ignored."""
-    if body.tool_choice not in (None, "none", "auto"):
-        raise APIError(
-            400,
-            "Only tool_choice 'auto' and 'none' are supported: this gateway renders tools into the prompt "
-            "for templates that support them but cannot force a call.",
-            param="tool_choice",
-            code="unsupported_parameter",
-        )
-    if body.response_format is not None and body.response_format.type != "text":
-        raise APIError(
-            400,
-            f"response_format type '{body.response_format.type}' is not supported; only 'text'.",
-            param="response_format",
-            code="unsupported_parameter",
-        )
     if body.functions:
         raise APIError(
             400,
@@ -116,6 +104,10 @@ async def chat_completions(request: Request) -> Response:
         ]
         if requests[0].max_tokens > settings.server.max_tokens_limit:
             requests = [cap_tokens(r, settings.server.max_tokens_limit) for r in requests]
+        constraint, tool_plan = plan(body, settings, lease.loaded)
+        if constraint is not None:
+            grammar = await engine.compile_grammar(lease, constraint)
+            requests = [dataclasses.replace(r, grammar=grammar) for r in requests]
     except BaseException:
         lease.release()
         raise
@@ -123,16 +115,29 @@ async def chat_completions(request: Request) -> Response:
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        frames = _stream(engine, lease, requests, body.model, completion_id, created, include_usage)
+        frames = _stream(
+            engine, lease, requests, body.model, completion_id, created, include_usage, tool_plan
+        )
         return event_stream(frames, lease)
     try:
         return await run_while_connected(
             request,
-            _complete(engine, lease, requests, body, completion_id, created),
+            _complete(engine, lease, requests, body, completion_id, created, tool_plan),
             timeout=settings.server.request_timeout,
         )
     finally:
         lease.release()
+
+
+def _tool_stream(tool_plan: ToolPlan | None) -> ToolCallStream | None:
+    if tool_plan is None:
+        return None
+    return ToolCallStream(tool_plan.fmt, set(tool_plan.names), tool_plan.max_calls)
+
+
+def _finish_reason(reason: str, parser: ToolCallStream | None) -> str:
+    """A choice that made calls (and was not cut by the token limit) finishes with "tool_calls"."""
+    return "tool_calls" if parser is not None and parser.calls and reason == "stop" else reason
 
 
 async def _complete(
@@ -142,6 +147,7 @@ async def _complete(
     body: ChatCompletionRequest,
     completion_id: str,
     created: int,
+    tool_plan: ToolPlan | None,
 ) -> Response:
     texts = [""] * len(requests)
     logprobs: list[list[dict[str, Any]]] = [[] for _ in requests]
@@ -156,17 +162,57 @@ async def _complete(
         completion_tokens[index] = event.completion_tokens
         if event.finish_reason:
             finish[index] = event.finish_reason
-    choices = [
-        {
-            "index": i,
-            "message": {"role": "assistant", "content": texts[i], "refusal": None},
-            "logprobs": {"content": logprobs[i], "refusal": None} if body.logprobs else None,
-            "finish_reason": finish[i],
-        }
-        for i in range(len(requests))
-    ]
+    choices = []
+    for i in range(len(requests)):
+        message: dict[str, Any] = {"role": "assistant", "content": texts[i], "refusal": None}
+        parser = _tool_stream(tool_plan)
+        reason = finish[i]
+        if parser is not None:
+            events = parser.feed(texts[i]) + parser.finish()
+            content = "".join(e.text for e in events if isinstance(e, ContentDelta))
+            if parser.calls:
+                message["content"] = content or None
+                message["tool_calls"] = [
+                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                    for c in parser.calls
+                ]
+            reason = _finish_reason(reason or "stop", parser)
+        choices.append(
+            {
+                "index": i,
+                "message": message,
+                "logprobs": {"content": logprobs[i], "refusal": None} if body.logprobs else None,
+                "finish_reason": reason,
+            }
+        )
     usage = usage_dict(prompt_tokens, sum(completion_tokens))
     return JSONResponse(envelope("chat.completion", completion_id, created, body.model, choices, usage=usage))
+
+
+def _delta_chunks(index: int, events: list[Any], entries: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Choice entries for parsed output: content deltas (carrying the logprobs) and tool-call deltas."""
+    out: list[dict[str, Any]] = []
+    for event in events:
+        if isinstance(event, ContentDelta):
+            delta: dict[str, Any] = {"content": event.text}
+        elif event.id is not None:
+            delta = {
+                "tool_calls": [
+                    {
+                        "index": event.index,
+                        "id": event.id,
+                        "type": "function",
+                        "function": {"name": event.name, "arguments": ""},
+                    }
+                ]
+            }
+        else:
+            delta = {"tool_calls": [{"index": event.index, "function": {"arguments": event.arguments}}]}
+        with_logprobs = entries if isinstance(event, ContentDelta) else None
+        out.append({"index": index, "delta": delta, "logprobs": with_logprobs, "finish_reason": None})
+        if with_logprobs is not None:
+            entries = None  # each token's logprobs travel once
+    return out
 
 
 async def _stream(
@@ -177,12 +223,15 @@ async def _stream(
     completion_id: str,
     created: int,
     include_usage: bool,
+    tool_plan: ToolPlan | None = None,
 ) -> AsyncGenerator[str, None]:
-    """SSE payloads: role chunk per choice, content chunks, finish chunk, optional usage."""
+    """SSE payloads: role chunk per choice, content and tool-call chunks, finish chunk, optional usage."""
 
     chunk = chunk_writer("chat.completion.chunk", completion_id, created, model, include_usage)
     want_logprobs = requests[0].sampling.logprobs
     completion_tokens = [0] * len(requests)
+    parsers = [_tool_stream(tool_plan) for _ in requests]
+    held: list[list[dict[str, Any]]] = [[] for _ in requests]
     for index in range(len(requests)):
         yield chunk(
             [{"index": index, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]
@@ -191,21 +240,24 @@ async def _stream(
         if event.error is not None:
             raise event.error
         completion_tokens[index] = event.completion_tokens
-        entries = {"content": logprob_entries(event), "refusal": None} if want_logprobs else None
-        if event.text or (entries and entries["content"]):
-            yield chunk(
-                [
-                    {
-                        "index": index,
-                        "delta": {"content": event.text},
-                        "logprobs": entries,
-                        "finish_reason": None,
-                    }
-                ]
+        parser = parsers[index]
+        if parser is None:
+            entries = {"content": logprob_entries(event), "refusal": None} if want_logprobs else None
+            events: list[Any] = (
+                [ContentDelta(event.text)] if event.text or (entries and entries["content"]) else []
             )
+        else:
+            # Tokens held back (maybe call markup) keep their logprobs until their text is released as
+            # content; those of markup that became a call are not content and are not reported.
+            held[index].extend(logprob_entries(event))
+            events = parser.feed(event.text) + (parser.finish() if event.finish_reason else [])
+            entries = {"content": held[index], "refusal": None} if want_logprobs else None
+            if events:
+                held[index] = []
+        for choice in _delta_chunks(index, events, entries):
+            yield chunk([choice])
         if event.finish_reason:
-            yield chunk(
-                [{"index": index, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason}]
-            )
+            reason = _finish_reason(event.finish_reason, parser)
+            yield chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}])
     if include_usage:
         yield chunk([], usage=usage_dict(len(requests[0].prompt_ids), sum(completion_tokens)))

@@ -51,6 +51,8 @@ class ModelSettings(_Strict):
     trust_remote_code: bool = False
     token: str | None = None
     adapter_mode: Literal["merge", "multi", "auto"] = "merge"
+    #: How tool calls are read from this model's output; "auto": from its chat template.
+    tool_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = "auto"
 
 
 class AdapterSettings(_Strict):

@@ -72,7 +72,7 @@ def test_non_object_body_is_400(tiny_server: RunningServer) -> None:
         ({"logit_bias": {"abc": 1}}, "logit_bias"),
         ({"max_tokens": 10**9}, "max_tokens"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
     ],
 )
 def test_invalid_parameters_are_400_naming_the_param(

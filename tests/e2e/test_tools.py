@@ -19,7 +19,15 @@ TOOLS_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+        },
+    }
+]
 HELLO = [{"role": "user", "content": "Weather in Paris?"}]
 
 
@@ -61,10 +69,20 @@ def test_tools_are_refused_for_a_template_without_tool_support(server: RunningSe
     assert response.status_code == 400 and response.json()["error"]["param"] == "tools"
 
 
-def test_forcing_a_tool_call_is_refused(server: RunningServer) -> None:
+def test_a_forced_call_uses_the_hermes_format_when_the_template_shows_none(server: RunningServer) -> None:
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        response = chat(server, model="with-tools", tools=TOOLS, tool_choice=choice)
-        assert response.status_code == 400 and response.json()["error"]["param"] == "tool_choice"
+        response = chat(
+            server,
+            model="with-tools",
+            tools=TOOLS,
+            tool_choice=choice,
+            max_tokens=120,
+            parallel_tool_calls=False,
+        )
+        assert response.status_code == 200, response.text
+        result = response.json()["choices"][0]
+        assert result["finish_reason"] == "tool_calls", result
+        assert result["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
 
 
 def test_tool_results_in_the_history_are_passed_to_the_template(server: RunningServer) -> None:

@@ -156,11 +156,11 @@ def test_a_failing_first_step_ends_one_request_not_the_engine(
     original = Sampler.choose
     calls = {"n": 0}
 
-    def explode_once(self: Sampler, logits: object) -> object:
+    def explode_once(self: Sampler, logits: object, allowed: object = None) -> object:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("sampler broke")
-        return original(self, logits)  # type: ignore[arg-type]
+        return original(self, logits, allowed)
 
     monkeypatch.setattr(Sampler, "choose", explode_once)
 
