@@ -96,6 +96,7 @@ def test_readme_setup_in_a_fresh_venv_serves_the_demo(tmp_path: Path) -> None:
         first_start = time.monotonic() - started - install_seconds
         # No training at first start: the weights ship with the package.
         assert first_start < 120, f"first start took {first_start:.0f} s"
+        assert "Warning" not in (tmp_path / "serve.log").read_text()
         print(f"install {install_seconds:.0f} s, first start to first answer {first_start:.0f} s")
     finally:
         server.terminate()
