@@ -5,7 +5,9 @@ this machine already has everything installed. So this test clones the repositor
 takes the one-line set-up command out of README.md, runs everything before ``peft-gateway serve`` as
 written (venv, ``scripts/install.sh``), then starts the server exactly as the README says, on a free port,
 and asks the demo a question. It needs PyPI (pip's own index) but not the Hugging Face Hub, and takes a
-few minutes, most of it installing torch into the new venv.
+few minutes on an idle machine, most of it installing torch into the new venv (31 minutes were measured
+on a 2-core machine shared by seven busy developers), so it runs in CI (``CI=true``) or when asked
+(``PEFT_GATEWAY_TEST_INSTALL=1``) and skips elsewhere.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def test_readme_names_a_venv_and_the_cpu_torch_index() -> None:
 
 
 def test_readme_setup_in_a_fresh_venv_serves_the_demo(tmp_path: Path) -> None:
+    if os.environ.get("CI") != "true" and os.environ.get("PEFT_GATEWAY_TEST_INSTALL") != "1":
+        pytest.skip("installs into a fresh venv for minutes: runs in CI or with PEFT_GATEWAY_TEST_INSTALL=1")
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("needs git and a git checkout to clone")
     clone = tmp_path / "clone"
