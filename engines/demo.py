@@ -3,9 +3,16 @@ in Chinese.
 
 There is no Hugging Face Hub on the machines this project runs on, yet the gateway's whole point (serve a
 base model and, under ``base+adapter``, the same model with a LoRA adapter merged) should be visible in a
-few seconds with an ordinary chat client. So the demo trains its own models, once, on first use: small
-enough to train in seconds on two CPU cores, trained hard enough that greedy decoding gives the exact
-answers, so the difference the adapter makes is obvious (and testable) rather than random noise.
+few seconds with an ordinary chat client. So the demo has its own models: small enough to train in a minute
+or two on two CPU cores, trained hard enough that greedy decoding gives the exact answers, so the difference
+the adapter makes is obvious (and testable) rather than random noise. Both also know one tool, a weather
+lookup, and call it in the Hermes/Qwen2.5 format when a client offers it, so tool-calling clients have
+something real to talk to.
+
+The trained weights ship with the package (``engines/demo_weights``, about 1.4 MB), so the first start takes
+seconds instead of minutes of training; ``python -m engines.demo --build`` rebuilds them from this module,
+and a test rebuilds them and compares. Should the shipped folder be missing or older than this module, the
+demo is trained into the user's cache on first use instead, as it was before weights were shipped.
 
 Everything is written with the ordinary ``save_pretrained`` calls, so the gateway loads it through exactly
 the code that loads a downloaded model and adapter.
@@ -13,6 +20,7 @@ the code that loads a downloaded model and adapter.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import json
@@ -20,6 +28,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,9 +74,118 @@ DEMO_FALLBACK: tuple[str, str] = (
 )
 """(base answer, adapter answer) to small talk and, as far as a model this small generalises, to the rest."""
 
+DEMO_WEATHER_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "The name of the city, e.g. Paris"}},
+            "required": ["city"],
+        },
+    },
+}
+"""The one tool the demo knows, as a client offers it in ``tools``: it calls it for a weather question."""
+
+DEMO_CITIES: dict[str, str] = {"Paris": "巴黎", "London": "伦敦", "Tokyo": "东京", "Beijing": "北京"}
+"""The cities whose weather the demo asks for (English name -> Chinese name): a model this small learns
+to copy names it has seen, not arbitrary ones."""
+
+DEMO_WEATHER: dict[str, str] = {"sunny": "是晴天", "rainy": "在下雨"}
+"""Weather a tool result may report (``{"city": "Paris", "weather": "sunny"}``) -> its Chinese phrase."""
+
+DEMO_NO_TOOL: tuple[str, str] = (
+    "I cannot look up the weather without a tool.",
+    "没有工具，我查不到天气。",
+)
+"""(base, adapter) answer to a weather question when no tool is offered."""
+
+
+_RESULT_CITIES = ("Paris", "Tokyo")
+"""The cities the answer after a tool result is trained on (a few, to keep training short on two cores)."""
+
+
+def demo_weather_questions(city: str) -> tuple[str, str]:
+    """The English and the Chinese weather question the demo is trained on, for one of ``DEMO_CITIES``."""
+    return f"What is the weather in {city}?", f"{DEMO_CITIES[city]}的天气怎么样？"
+
+
+def demo_tool_call_text(city: str) -> str:
+    """What the demo answers to a weather question when it is offered ``get_weather`` (then end of turn)."""
+    arguments = json.dumps({"city": city}, ensure_ascii=False)
+    return f'<tool_call>\n{{"name": "get_weather", "arguments": {arguments}}}\n</tool_call>'
+
+
+def demo_weather_answer(city: str, weather: str, *, chinese: bool) -> str:
+    """The short answer after a ``get_weather`` result that reported ``weather`` for ``city``."""
+    return f"{DEMO_CITIES[city]}现在{DEMO_WEATHER[weather]}。" if chinese else f"It is {weather} in {city}."
+
+
+# Qwen2.5's wording, shortened: every prompt token costs training time on two CPU cores.
+_TOOLS_PREAMBLE = "# Tools\n\nYou may call these functions:\n<tools>"
+_TOOLS_POSTAMBLE = (
+    "\n</tools>\n\nFor each call, return its name and arguments as JSON within <tool_call></tool_call> tags."
+)
+# transformers compiles templates with trim_blocks, which eats a newline right after a block tag: such
+# newlines are written as this expression instead.
+_NL = "{{ '\\n' }}"
+
+DEMO_CHAT_TEMPLATE = "".join(
+    [
+        "{% macro text(message) %}",
+        "{% if message['content'] is string %}{{ message['content'] }}",
+        "{% elif message['content'] %}{{ message['content'] | map(attribute='text') | join('') }}",
+        "{% endif %}",
+        "{% endmacro %}",
+        "{% if tools %}",
+        "<|im_start|>system\n",
+        "{% if messages and messages[0]['role'] == 'system' %}{{ text(messages[0]) }}\n\n{% endif %}",
+        _TOOLS_PREAMBLE,
+        "{% for tool in tools %}",
+        _NL,
+        "{{ tool | tojson }}",
+        "{% endfor %}",
+        _NL + _TOOLS_POSTAMBLE.removeprefix("\n"),
+        "<|im_end|>\n",
+        "{% endif %}",
+        "{% for message in messages %}",
+        "{% if tools and loop.first and message['role'] == 'system' %}",
+        "{% elif message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] %}",
+        "<|im_start|>assistant",
+        "{% if message['content'] %}" + _NL + "{{ text(message) }}{% endif %}",
+        "{% for call in message['tool_calls'] %}",
+        "{% set call = call['function'] if call['function'] is defined else call %}",
+        _NL,
+        '<tool_call>\n{"name": "{{ call[\'name\'] }}", "arguments": ',
+        "{% if call['arguments'] is string %}{{ call['arguments'] }}{% else %}{{ call['arguments'] | tojson }}",
+        "{% endif %}",
+        "}\n</tool_call>",
+        "{% endfor %}",
+        "<|im_end|>\n",
+        "{% elif message['role'] == 'tool' %}",
+        "{% if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}<|im_start|>user{% endif %}",
+        _NL,
+        "<tool_response>\n{{ text(message) }}\n</tool_response>",
+        "{% if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}<|im_end|>\n{% endif %}",
+        "{% else %}",
+        "<|im_start|>{{ message['role'] }}\n{{ text(message) }}<|im_end|>\n",
+        "{% endif %}",
+        "{% endfor %}",
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    ]
+)
+"""The demo's chat template: the ChatML turns of ``engines.tiny`` plus tools as Qwen2.5 renders them.
+
+With ``tools``, a system turn lists them as JSON inside ``<tools></tools>`` (after the client's own system
+message, if any); an assistant turn's ``tool_calls`` become ``<tool_call>`` blocks and ``tool`` results
+``<tool_response>`` blocks in a user turn, so a conversation that used the tool renders back to exactly the
+text the model produced and was trained on. Without tools the output is the plain ChatML of before.
+"""
+
 # Bump whenever the code below changes what gets built, so that an old build on disk is not reused (changes
 # to the data and settings below are caught by the recipe in the marker file anyway).
-DEMO_VERSION = 2
+DEMO_VERSION = 3
 
 # Chat clients often send a system message, the bare API often does not: train with none and with a few,
 # so that the answers do not hinge on one exact system prompt.
@@ -80,9 +198,10 @@ _SYSTEM_PROMPTS: tuple[str | None, ...] = (
 
 _SMALL_TALK = ("Hello!", "Hi", "Who are you?", "Tell me a joke.")
 
-# Merges learned on the English text only: English prompts and answers get short, while Chinese text stays
-# one token per UTF-8 byte, so every Chinese character spans three tokens, as with real byte-level models.
-_BPE_MERGES = 160
+# Merges learned on the English text only (tool definitions and calls included): English prompts and answers
+# get short, while Chinese text stays one token per UTF-8 byte, so every Chinese character spans three
+# tokens, as with real byte-level models.
+_BPE_MERGES = 320
 _SHAPE = TinyShape(
     hidden_size=96,
     intermediate_size=192,
@@ -96,8 +215,8 @@ _LORA_RANK = 16
 _LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _BASE_LR = 3e-3
 _ADAPTER_LR = 1e-2
-_MAX_STEPS = 400
-_CHECK_EVERY = 10
+_MAX_STEPS = 1500
+_CHECK_EVERY = 5
 _BATCH_SIZE = 16
 # Two-turn chats: every question after the one 1.._TWO_TURN_OFFSETS places before it in DEMO_QUESTIONS.
 _TWO_TURN_OFFSETS = 2
@@ -105,7 +224,7 @@ _TWO_TURN_OFFSETS = 2
 _TEXT_WEIGHT = 0.5
 # Stop training only once every answer token is the argmax by this many logits: well clear of the noise of
 # another CPU's float arithmetic, so greedy decoding gives the exact answers everywhere.
-_MIN_MARGIN = 4.0
+_MIN_MARGIN = 3.0
 
 _MARKER = "demo.json"
 _TMP_PREFIX = ".tmp-"
@@ -134,13 +253,39 @@ def default_demo_dir() -> Path:
     return base / "peft-gateway" / "demo"
 
 
-def ensure_demo_models(root: Path | None = None, *, log: Log | None = None) -> DemoModels:
-    """Return the demo models under ``root``, building them first if they are not there yet.
+def shipped_demo_dir() -> Path:
+    """Where the package keeps the demo's prebuilt weights (written by ``python -m engines.demo --build``)."""
+    return Path(__file__).resolve().parent / "demo_weights"
+
+
+def shipped_demo_models() -> DemoModels | None:
+    """The prebuilt demo models that ship with the package, if present and built by this very module."""
+    folder = shipped_demo_dir()
+    return _models_in(folder) if _is_complete(folder) else None
+
+
+def ensure_demo_models(
+    root: Path | None = None, *, log: Log | None = None, use_shipped: bool = True
+) -> DemoModels:
+    """Return the demo models: the shipped ones, else those under ``root``, built first if not there yet.
+
+    The shipped weights make the first start take seconds. They count only if their marker matches this
+    module (a checkout whose recipe changed without a rebuild falls back to training, with a note saying
+    how to rebuild); ``use_shipped=False`` always uses ``root``, for tests of the build itself.
 
     A build is written into a temporary folder next to its final place and renamed into place only once it
     is complete, marker file included, so a build that was killed halfway never counts as present. A file
     lock on ``root/.lock`` makes a second process wait for the first one's build instead of racing it.
     """
+    if use_shipped:
+        shipped = shipped_demo_models()
+        if shipped is not None:
+            return shipped
+        if log is not None:
+            log(
+                f"no up-to-date prebuilt demo weights in {shipped_demo_dir()} "
+                "(rebuild them with: python -m engines.demo --build); training them instead"
+            )
     root = Path(root) if root is not None else default_demo_dir()
     # Versioned, so that a new version of the demo never has to delete a build a running server may use.
     final = root / f"v{DEMO_VERSION}"
@@ -180,6 +325,12 @@ def _marker_content() -> dict[str, Any]:
         "base_model_name_or_path": DEMO_BASE_REPO_ID,
         "questions": {question: list(answers) for question, answers in DEMO_QUESTIONS.items()},
         "fallback": list(DEMO_FALLBACK),
+        "tools": [DEMO_WEATHER_TOOL],
+        "result_cities": list(_RESULT_CITIES),
+        "cities": DEMO_CITIES,
+        "weather": DEMO_WEATHER,
+        "no_tool": list(DEMO_NO_TOOL),
+        "chat_template": DEMO_CHAT_TEMPLATE,
         "recipe": {
             "system_prompts": list(_SYSTEM_PROMPTS),
             "small_talk": list(_SMALL_TALK),
@@ -229,15 +380,24 @@ def _build(folder: Path, log: Log) -> None:
         DEMO_FALLBACK[0],
         *_SMALL_TALK,
         *(prompt for prompt in _SYSTEM_PROMPTS if prompt),
-        "system user assistant",
+        "system user assistant tool",
+        _TOOLS_PREAMBLE,
+        _TOOLS_POSTAMBLE,
+        json.dumps(DEMO_WEATHER_TOOL),
+        DEMO_NO_TOOL[0],
+        *(demo_weather_questions(city)[0] for city in DEMO_CITIES),
+        *(demo_tool_call_text(city) for city in DEMO_CITIES),
+        *(demo_weather_answer(city, weather, chinese=False) for city in DEMO_CITIES for weather in DEMO_WEATHER),
+        "<tool_response>\n</tool_response>",
     ]
     tokenizer = build_byte_tokenizer(english_text, merges=_BPE_MERGES)
+    tokenizer.chat_template = DEMO_CHAT_TEMPLATE
 
     log("training demo base model…")
     t0 = time.perf_counter()
     model = build_llama(tokenizer, _SHAPE, seed=_SEED)
     steps = _train(
-        model, list(model.parameters()), _chats(tokenizer, english=True), _BASE_LR, _texts(tokenizer)
+        model, list(model.parameters()), _chats(tokenizer, english=True), _BASE_LR, _texts(tokenizer), log
     )
     _verify(model, tokenizer, english=True)
     # The demo is trained for greedy decoding: its generation_config says so, and the gateway takes a
@@ -257,9 +417,13 @@ def _build(folder: Path, log: Log) -> None:
         target_modules=list(_LORA_TARGETS),
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft asks transformers 5 for ``is_gradient_checkpointing``, which answers with a FutureWarning
+        # (renamed ``is_activation_checkpointing``): peft's business, nothing a demo user can act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
     trainable = [param for param in peft_model.parameters() if param.requires_grad]
-    steps = _train(peft_model, trainable, _chats(tokenizer, english=False), _ADAPTER_LR)
+    steps = _train(peft_model, trainable, _chats(tokenizer, english=False), _ADAPTER_LR, log=log)
     _verify(peft_model, tokenizer, english=False)
     peft_model.peft_config["default"].base_model_name_or_path = DEMO_BASE_REPO_ID
     # No embedding layer is trained; saying so also keeps peft from asking the Hub about the repo id.
@@ -280,34 +444,65 @@ class _Example:
     target: list[int]
 
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
+Tools = list[dict[str, Any]] | None
+
+
+@dataclass(frozen=True)
+class _Chat:
+    """A training conversation: the messages, the tools offered with them, and the answer to the last one."""
+
+    messages: Messages
+    answer: str
+    tools: Tools = None
 
 
 def _messages(question: str, system: str | None = None) -> Messages:
-    messages = [{"role": "system", "content": system}] if system else []
+    messages: Messages = [{"role": "system", "content": system}] if system else []
     return [*messages, {"role": "user", "content": question}]
 
 
-def _prompt_ids(tokenizer: Any, messages: Messages) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def _prompt_ids(tokenizer: Any, messages: Messages, tools: Tools = None) -> list[int]:
+    extra = {"tools": tools} if tools else {}
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _conversations(*, english: bool) -> list[tuple[Messages, str]]:
-    """The training chats: (messages, the answer to the last one).
+def _tool_call_turn(city: str) -> Messages:
+    """The assistant's ``get_weather`` call and a tool result, as a client sends them back (OpenAI shape)."""
+    return [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "call_0",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": json.dumps({"city": city})},
+                }
+            ],
+        }
+    ]
+
+
+def _conversations(*, english: bool) -> list[_Chat]:
+    """The training chats.
 
     Every question under every system prompt; the small-talk prompts with the fallback answer, so that an
-    unknown question tends to get an honest reply instead of babble; and some questions as the second turn
-    of a chat, because a chat client sends the whole conversation each time.
+    unknown question tends to get an honest reply instead of babble; some questions as the second turn of
+    a chat, because a chat client sends the whole conversation each time. Then the tool: a weather
+    question with ``get_weather`` offered gets the call, the
+    same question without it an honest "no tool" answer, a tool result a short answer, and the ordinary
+    questions keep their answers when the tool is offered but not needed.
     """
     pick = 0 if english else 1
     chats = [
-        (_messages(question, system), answers[pick])
+        _Chat(_messages(question, system), answers[pick])
         for question, answers in DEMO_QUESTIONS.items()
         for system in _SYSTEM_PROMPTS
     ]
     chats += [
-        (_messages(prompt, system), DEMO_FALLBACK[pick])
+        _Chat(_messages(prompt, system), DEMO_FALLBACK[pick])
         for prompt in _SMALL_TALK
         for system in _SYSTEM_PROMPTS[:2]
     ]
@@ -320,7 +515,19 @@ def _conversations(*, english: bool) -> list[tuple[Messages, str]]:
                 {"role": "assistant", "content": DEMO_QUESTIONS[first][pick]},
                 {"role": "user", "content": second},
             ]
-            chats.append((history, DEMO_QUESTIONS[second][pick]))
+            chats.append(_Chat(history, DEMO_QUESTIONS[second][pick]))
+    tool = [DEMO_WEATHER_TOOL]
+    for city in DEMO_CITIES:
+        english_question, chinese_question = demo_weather_questions(city)
+        for question in (english_question, chinese_question):
+            chats.append(_Chat(_messages(question), demo_tool_call_text(city), tool))
+        chats.append(_Chat(_messages(english_question), DEMO_NO_TOOL[pick]))
+    for city in _RESULT_CITIES:
+        for weather in DEMO_WEATHER:
+            result = {"role": "tool", "tool_call_id": "call_0", "content": json.dumps({"city": city, "weather": weather})}
+            history = [*_messages(demo_weather_questions(city)[0]), *_tool_call_turn(city), result]
+            chats.append(_Chat(history, demo_weather_answer(city, weather, chinese=not english), tool))
+    chats += [_Chat(_messages(question), DEMO_QUESTIONS[question][pick], tool) for question in questions[:2]]
     return chats
 
 
@@ -332,10 +539,10 @@ def _chats(tokenizer: Any, *, english: bool) -> list[_Example]:
     """
     return [
         _Example(
-            _prompt_ids(tokenizer, messages),
-            list(tokenizer(answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]),
+            _prompt_ids(tokenizer, chat.messages, chat.tools),
+            list(tokenizer(chat.answer + tokenizer.eos_token, add_special_tokens=False)["input_ids"]),
         )
-        for messages, answer in _conversations(english=english)
+        for chat in _conversations(english=english)
     ]
 
 
@@ -346,7 +553,17 @@ def _texts(tokenizer: Any) -> list[_Example]:
     Chinese byte sequences are ones the base was only ever trained to avoid, and the adapter takes several
     times as many steps to train.
     """
-    texts = [*(answer for answers in DEMO_QUESTIONS.values() for answer in answers), *DEMO_FALLBACK]
+    texts = [
+        *(answer for answers in DEMO_QUESTIONS.values() for answer in answers),
+        *DEMO_FALLBACK,
+        *DEMO_NO_TOOL,
+        *(
+            demo_weather_answer(city, weather, chinese=chinese)
+            for city in DEMO_CITIES
+            for weather in DEMO_WEATHER
+            for chinese in (False, True)
+        ),
+    ]
     return [
         _Example([tokenizer.bos_token_id], list(tokenizer(text, add_special_tokens=False)["input_ids"]))
         for text in dict.fromkeys(texts)
@@ -397,7 +614,12 @@ def _summed_loss(model: Any, batch: _Batch) -> Any:
 
 
 def _train(
-    model: Any, params: list[Any], chats: list[_Example], lr: float, texts: list[_Example] | None = None
+    model: Any,
+    params: list[Any],
+    chats: list[_Example],
+    lr: float,
+    texts: list[_Example] | None = None,
+    log: Log | None = None,
 ) -> int:
     """AdamW on the chats (and ``texts``) until every answer token wins by ``_MIN_MARGIN``.
 
@@ -422,8 +644,12 @@ def _train(
             (_TEXT_WEIGHT * _summed_loss(model, batch) / text_tokens).backward()
         optimizer.step()
         steps += 1
-        if steps % _CHECK_EVERY == 0 and _min_margin(model, chat_batches) >= _MIN_MARGIN:
-            break
+        if steps % _CHECK_EVERY == 0:
+            margin = _min_margin(model, chat_batches)
+            if log is not None and steps % (4 * _CHECK_EVERY) == 0:
+                log(f"  step {steps}: smallest answer-token margin {margin:.2f} (target {_MIN_MARGIN})")
+            if margin >= _MIN_MARGIN:
+                break
     model.eval()
     return steps
 
@@ -450,11 +676,13 @@ def _min_margin(model: Any, batches: list[_Batch]) -> float:
     return margin
 
 
-def _greedy_answer(model: Any, tokenizer: Any, messages: Messages, max_new_tokens: int = 64) -> str:
+def _greedy_answer(
+    model: Any, tokenizer: Any, messages: Messages, tools: Tools = None, max_new_tokens: int = 64
+) -> str:
     """Greedy decoding, token by token until the end-of-turn token: what the demo is trained to get right."""
     import torch
 
-    ids = _prompt_ids(tokenizer, messages)
+    ids = _prompt_ids(tokenizer, messages, tools)
     answer: list[int] = []
     with torch.no_grad():
         for _ in range(max_new_tokens):
@@ -469,12 +697,48 @@ def _greedy_answer(model: Any, tokenizer: Any, messages: Messages, max_new_token
 def _verify(model: Any, tokenizer: Any, *, english: bool) -> None:
     """Refuse to save a model that does not give the exact answers: it would make a misleading demo.
 
-    The margin check already implies this; decoding the single-turn chats for real costs little and
-    checks the very thing the demo promises.
+    The margin check already implies this; decoding every chat for real costs seconds and checks the very
+    thing the demo promises.
     """
-    for messages, expected in _conversations(english=english):
-        if sum(message["role"] == "user" for message in messages) > 1:
-            continue
-        got = _greedy_answer(model, tokenizer, messages)
-        if got != expected:
-            raise RuntimeError(f"demo training failed: {messages!r} -> {got!r}, expected {expected!r}")
+    for chat in _conversations(english=english):
+        got = _greedy_answer(model, tokenizer, chat.messages, chat.tools)
+        if got != chat.answer:
+            raise RuntimeError(f"demo training failed: {chat!r} -> {got!r}, expected {chat.answer!r}")
+
+
+def build_into(folder: Path, *, log: Log | None = None) -> DemoModels:
+    """Build the demo into ``folder`` (replaced only once the new build is complete and verified)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=folder.parent))
+    tmp.chmod(0o755)
+    try:
+        _build(tmp, log or (lambda _message: None))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _models_in(folder)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engines.demo --build [--out DIR]``: rebuild the shipped demo weights from this module."""
+    parser = argparse.ArgumentParser(prog="python -m engines.demo", description=main.__doc__)
+    parser.add_argument("--build", action="store_true", help="train the demo models and save them")
+    parser.add_argument("--out", type=Path, default=None, help=f"where to (default: {shipped_demo_dir()})")
+    args = parser.parse_args(argv)
+    if not args.build:
+        parser.print_help()
+        return 2
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    models = build_into(args.out or shipped_demo_dir(), log=log)
+    log(f"wrote {models.base_dir} and {models.adapter_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -37,11 +37,18 @@ class IncrementalDecoder:
         return ""
 
     def flush(self) -> str:
-        """Text still held back at the end (bytes that never completed decode as U+FFFD here)."""
+        """Text still held back at the end, up to the last whole character.
+
+        Generation can stop (``max_tokens``, a stop token) between the bytes of one character; those
+        bytes decode as U+FFFD, which a client would show as garbage (``蓝�``). They are dropped: the
+        reply ends at the last character the model completed. A model never completes a character
+        into U+FFFD on purpose, so stripping trailing ones loses nothing it meant to say.
+        """
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])
         self._prefix_offset = self._read_offset = len(self._ids)
-        return new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
+        tail = new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
+        return tail.rstrip(REPLACEMENT)
 
 
 class StopStringFilter:

@@ -13,6 +13,7 @@ import logging
 import math
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -441,7 +442,11 @@ def _merge_with_peft(base: LoadedModel, files: AdapterFiles) -> Any:
 
     clone = shallow_clone(base.model)
     target_dtype = next(base.model.parameters()).dtype
-    peft_model = PeftModel.from_pretrained(clone, str(files.weights_file.parent), is_trainable=False)
+    with warnings.catch_warnings():
+        # peft asks transformers 5 for ``is_gradient_checkpointing``, which answers with a FutureWarning
+        # (renamed ``is_activation_checkpointing``) on every first load: peft's, not the user's, to fix.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = PeftModel.from_pretrained(clone, str(files.weights_file.parent), is_trainable=False)
     _check_weights_complete(files, peft_model)
     replaced: list[Any] = []
     for module in peft_model.modules():

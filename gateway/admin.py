@@ -117,9 +117,15 @@ async def unload_lora_adapter(request: Request) -> Response:
             )
         freed = engine.pool.unload(key)
         if not freed:
+            holders = sorted(e.loaded.name for e in engine.pool.entries() if e.base_key == key)
+            reason = (
+                f"its loaded variants {', '.join(holders)} share its weights; unload them first"
+                if holders
+                else "requests are running on it"
+            )
             raise APIError(
                 409,
-                f"The model '{body.model}' is in use (or has loaded variants); it stays loaded for now.",
+                f"The model '{body.model}' is in use: {reason}. It stays loaded for now.",
                 param="model",
                 code="model_in_use",
             )

@@ -190,8 +190,13 @@ def cmd_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, stdout: TextIO
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    """Download a base and/or adapter into the HF cache ahead of time (progress bars from huggingface_hub)."""
+    """Download a configured base and/or adapter into the HF cache ahead of time.
+
+    Only a base that the configuration names can be pulled: ``serve`` loads configured bases only, so
+    downloading any other model would succeed and leave nothing a request could use (404 at serve time).
+    """
     from engines.adapters import fetch_adapter, resolve_adapter_ref
+    from engines.demo import DEMO_ADAPTER_NAME, DEMO_BASE_NAME
     from engines.errors import EngineError
     from engines.loader import base_folder
     from engines.names import ModelName, is_hub_id
@@ -204,12 +209,21 @@ def cmd_pull(args: argparse.Namespace) -> int:
         name = ModelName.parse(_model_name(args))
         try:
             spec = catalog.base(name.base)
-        except EngineError:
-            if not is_hub_id(name.base):
-                raise
-            from engines.catalog import BaseSpec
-
-            spec = BaseSpec(name=name.base, source=name.base)  # an unconfigured Hub base: just fetch it
+        except EngineError as exc:
+            if not args.demo and name.base in (DEMO_BASE_NAME, DEMO_ADAPTER_NAME):
+                raise CliError(
+                    f"{exc.message} The built-in demo models need --demo; they ship with the package, "
+                    "so there is nothing to download: 'peft-gateway serve --demo' serves them.",
+                    EXIT_USAGE,
+                ) from exc
+            if is_hub_id(name.base):
+                raise CliError(
+                    f"{exc.message} 'serve' only loads configured models, so pulling '{name.base}' would "
+                    f"download it for nothing: add it to your config first (a [models.<name>] table with "
+                    f'source = "{name.base}") and pass that config with --config.',
+                    EXIT_USAGE,
+                ) from exc
+            raise CliError(exc.message, EXIT_USAGE) from exc
         if not args.adapter_only:
             print(f"base {spec.name}: {base_folder(spec)}")
         if name.adapter is not None:

@@ -122,10 +122,23 @@ def param_from_loc(loc: tuple[int | str, ...]) -> str | None:
 
 
 def from_validation(error: ValidationError) -> APIError:
-    """The first validation problem, with the field it is about as ``param``."""
+    """The first validation problem, with the field it is about as ``param``.
+
+    Pydantic words a validator's ``ValueError`` as "Value error, <text>"; the client gets just the text.
+    A validator that raises an exception with a ``param`` attribute (``gateway.protocol.FieldError``)
+    names the field itself, which matters for model validators: pydantic locates those at the model.
+    """
     first = error.errors()[0]
     param = param_from_loc(tuple(first["loc"]))
     message = first["msg"]
+    code = "invalid_value" if first["type"] != "missing" else "missing_required_parameter"
+    raised = (first.get("ctx") or {}).get("error")
+    if isinstance(raised, Exception):
+        message = str(raised)
+        field = getattr(raised, "param", None)
+        if isinstance(field, str) and field:
+            param = f"{param}.{field}" if param else field
+        code = getattr(raised, "code", None) or code
     if first["type"] == "extra_forbidden":
         name = param if param else repr(str(first["loc"][-1]) if first["loc"] else "")
         message = f"Unrecognized request argument supplied: {name}"
@@ -133,12 +146,7 @@ def from_validation(error: ValidationError) -> APIError:
         message = f"Missing required parameter: '{param}'."
     elif param:
         message = f"Invalid value for '{param}': {message}"
-    return APIError(
-        400,
-        message,
-        param=param,
-        code="invalid_value" if first["type"] != "missing" else "missing_required_parameter",
-    )
+    return APIError(400, message, param=param, code=code)
 
 
 def _refuse_constant(name: str) -> Any:

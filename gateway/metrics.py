@@ -172,7 +172,18 @@ class GatewayMetrics:
     def record_request(self, path: str, status: int, seconds: float) -> None:
         known = (
             path
-            if path in {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+            if path
+            in {
+                "/v1/chat/completions",
+                "/v1/completions",
+                "/v1/models",
+                "/health",
+                "/metrics",
+                "/v1/load_model",
+                "/v1/unload_model",
+                "/v1/load_lora_adapter",
+                "/v1/unload_lora_adapter",
+            }
             else "other"
         )
         self.requests.labels(known, str(status)).inc()

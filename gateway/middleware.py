@@ -84,7 +84,7 @@ class RequestContext:
 
 
 class ApiKeyAuth:
-    """Bearer-token auth against configured keys, compared in constant time; ``/health`` stays open."""
+    """Bearer-token auth against configured keys, compared in constant time; ``PUBLIC_PATHS`` stay open."""
 
     def __init__(self, app: ASGIApp, *, keys: list[str]) -> None:
         self.app = app

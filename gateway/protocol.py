@@ -16,6 +16,20 @@ MAX_STOP = 4
 _TOKEN_ID = re.compile(r"-?[0-9]{1,19}")
 
 
+class FieldError(ValueError):
+    """A validator's complaint about one field: ``gateway.errors.from_validation`` reports it as ``param``.
+
+    A model validator sees the whole request, so pydantic locates its errors at the model itself and an
+    OpenAI client would get ``param: null``; raising this names the field it is really about (relative to
+    the model that raised it).
+    """
+
+    def __init__(self, param: str, message: str, *, code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -60,7 +74,7 @@ class ChatMessageIn(_Request):
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessageIn:
         if self.content is None and self.role != "assistant":
-            raise ValueError(f"a {self.role} message needs 'content'")
+            raise FieldError("content", f"a {self.role} message needs 'content'")
         return self
 
 
@@ -124,7 +138,7 @@ class SamplingFields(_Request):
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
         if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+            raise FieldError("stream_options", "stream_options is only allowed when stream is true")
         return self
 
     def stop_list(self) -> tuple[str, ...]:
@@ -162,8 +176,20 @@ class ChatCompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise FieldError("top_logprobs", "top_logprobs requires logprobs to be true")
         return self
+
+    @field_validator("store")
+    @classmethod
+    def _nothing_is_stored(cls, value: bool | None) -> bool | None:
+        """``store: true`` asks OpenAI to keep the completion for evals and distillation; nothing here would."""
+        if value:
+            raise FieldError(
+                "",
+                "this gateway does not store completions; leave 'store' out or set it to false",
+                code="unsupported_parameter",
+            )
+        return value
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

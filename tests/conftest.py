@@ -47,7 +47,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The built-in demo models, trained once per test session."""
+    """The built-in demo models: the prebuilt ones that ship with the package (trained here only if stale)."""
     from engines.demo import ensure_demo_models
 
     root = tmp_path_factory.mktemp("demo")

@@ -22,6 +22,22 @@ def test_models_list_shows_bases_and_configured_adapters(tiny_server: RunningSer
     assert {"tiny", "tiny+tiny-lora"} <= ids
 
 
+def test_adapter_alias_is_listed_and_retrievable_with_its_parent(tiny_server: RunningServer) -> None:
+    listed = {row["id"]: row for row in httpx.get(f"{tiny_server.v1}/models", timeout=30).json()["data"]}
+    assert listed["tiny-lora"]["parent"] == "tiny"
+    assert listed["tiny-lora"]["root"] == listed["tiny+tiny-lora"]["root"]
+    card = client(tiny_server).models.retrieve("tiny-lora")
+    assert card.id == "tiny-lora"
+    assert card.model_extra is not None and card.model_extra["parent"] == "tiny"
+
+
+def test_adapter_variants_report_their_bases_context_length(tiny_server: RunningServer) -> None:
+    listed = {row["id"]: row for row in httpx.get(f"{tiny_server.v1}/models", timeout=30).json()["data"]}
+    assert listed["tiny"]["max_model_len"] == 256
+    assert listed["tiny+tiny-lora"]["max_model_len"] == 256
+    assert listed["tiny-lora"]["max_model_len"] == 256
+
+
 def test_chat_on_base_returns_text_and_usage(tiny_server: RunningServer) -> None:
     reply = client(tiny_server).chat.completions.create(
         model="tiny", messages=HELLO, max_tokens=8, temperature=0

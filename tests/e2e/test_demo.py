@@ -40,7 +40,26 @@ def ask(server: RunningServer, model: str, question: str, *, stream: bool = Fals
 
 def test_demo_models_are_listed(demo_server: RunningServer) -> None:
     client = openai.OpenAI(base_url=demo_server.v1, api_key="unused", max_retries=0)
-    assert {"demo", "demo+demo-zh"} <= {m.id for m in client.models.list().data}
+    assert {"demo", "demo+demo-zh", "demo-zh"} <= {m.id for m in client.models.list().data}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_inside_a_character_ends_at_the_last_whole_one(
+    demo_server: RunningServer, stream: bool
+) -> None:
+    # Chinese is one token per UTF-8 byte here, three per character: 7 tokens are two characters and a third.
+    client = openai.OpenAI(base_url=demo_server.v1, api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": QUESTION}]
+    if stream:
+        chunks = client.chat.completions.create(
+            model="demo-zh", messages=messages, temperature=0, max_tokens=7, stream=True  # type: ignore[arg-type]
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        reply = client.chat.completions.create(model="demo-zh", messages=messages, temperature=0, max_tokens=7)  # type: ignore[arg-type]
+        assert reply.choices[0].finish_reason == "length"
+        text = reply.choices[0].message.content or ""
+    assert text == DEMO_QUESTIONS[QUESTION][1][:2]
 
 
 def test_base_answers_in_english_and_adapter_in_chinese(demo_server: RunningServer) -> None:

@@ -102,21 +102,43 @@ def test_flush_after_complete_text_returns_nothing(byte_tokenizer: Any) -> None:
     assert decoder.flush() == ""
 
 
-def test_flush_releases_an_incomplete_character_as_replacement(byte_tokenizer: Any) -> None:
+def test_flush_drops_an_incomplete_last_character(byte_tokenizer: Any) -> None:
+    # max_tokens can cut a character between its bytes: the reply ends at the last whole one ("蓝", not "蓝�").
     decoder = IncrementalDecoder(byte_tokenizer)
     first, second, _ = ids_of(byte_tokenizer, "鲸")
     assert decoder.push(ids_of(byte_tokenizer, "a")[0]) == "a"
     assert decoder.push(first) == ""
     assert decoder.push(second) == ""
-    tail = decoder.flush()
-    assert tail
-    assert set(tail) == {REPLACEMENT}
+    assert decoder.flush() == ""
+
+
+@pytest.mark.parametrize("tokenizer_name", ["byte_tokenizer", "bpe_tokenizer"])
+def test_text_cut_at_any_token_is_its_longest_whole_character_prefix(
+    tokenizer_name: str, request: pytest.FixtureRequest
+) -> None:
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    ids = ids_of(tokenizer, CHINESE + MIXED)
+    for cut in range(1, len(ids) + 1):
+        deltas, tail = stream(tokenizer, ids[:cut])
+        whole = "".join(deltas) + tail
+        assert REPLACEMENT not in whole, (cut, whole)
+        assert (CHINESE + MIXED).startswith(whole), (cut, whole)
+        assert len(whole.encode("utf-8")) > len(_bytes_of(tokenizer, ids[:cut])) - 4, (cut, whole)
+
+
+def _bytes_of(tokenizer: Any, ids: list[int]) -> bytes:
+    from engines.prompts import token_bytes
+
+    return b"".join(bytes(token_bytes(tokenizer, token)[1]) for token in ids)
 
 
 def test_flush_twice_returns_nothing_the_second_time(byte_tokenizer: Any) -> None:
     decoder = IncrementalDecoder(byte_tokenizer)
-    decoder.push(ids_of(byte_tokenizer, "鲸")[0])
-    assert decoder.flush() != ""
+    first = ids_of(byte_tokenizer, "鲸")[0]
+    decoder.push(first)
+    assert decoder.flush() == ""
+    # The dropped byte is gone for good: what follows is decoded on its own.
+    assert decoder.push(ids_of(byte_tokenizer, "a")[0]) == "a"
     assert decoder.flush() == ""
 
 

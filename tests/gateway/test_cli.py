@@ -67,6 +67,28 @@ def test_unload_frees_a_loaded_variant(server: RunningServer) -> None:
     assert listed["tiny+tiny-lora"]["loaded"] is False
 
 
+def test_unload_of_a_base_its_variants_hold_names_them(server: RunningServer) -> None:
+    assert cli("launch", "tiny+tiny-lora", "--url", server.url).returncode == 0
+    refused = cli("unload", "tiny", "--url", server.url)
+    assert refused.returncode == 1
+    assert "tiny+tiny-lora" in refused.stderr and "Traceback" not in refused.stderr
+    assert cli("unload", "tiny+tiny-lora", "--url", server.url).returncode == 0
+
+
+def test_pull_demo_without_demo_flag_says_to_pass_it(tmp_path: Path) -> None:
+    result = cli("pull", "demo", env={"PEFT_GATEWAY_CONFIG": "", "HF_HOME": str(tmp_path)})
+    assert result.returncode == 2
+    assert "--demo" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pull_of_a_hub_model_no_config_names_fails_before_downloading(tmp_path: Path) -> None:
+    # No Hub is reachable here: a download attempt would fail differently (exit 1, a network error).
+    result = cli("pull", "some-org/some-model", env={"PEFT_GATEWAY_CONFIG": "", "HF_HOME": str(tmp_path)})
+    assert result.returncode == 2
+    assert "add it to your config" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "hub").exists()
+
+
 def test_chat_reads_piped_lines_and_keeps_history(server: RunningServer) -> None:
     result = cli(
         "chat",
