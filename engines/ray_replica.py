@@ -120,7 +120,8 @@ def routing_key(catalog: Catalog, model: str) -> str:
 class ReplicaDirectory:
     """A named Ray actor holding the latest snapshot of each engine replica (no polling of replicas)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stale_seconds: float = SNAPSHOT_STALE_SECONDS) -> None:
+        self._stale_seconds = stale_seconds
         self._snapshots: dict[str, ReplicaSnapshot] = {}
 
     def publish(self, snapshot: ReplicaSnapshot) -> None:
@@ -132,7 +133,7 @@ class ReplicaDirectory:
     def snapshots(self) -> list[ReplicaSnapshot]:
         """Fresh snapshots only: a replica that stopped publishing is gone from the listing."""
         now = time.time()
-        for name in [n for n, s in self._snapshots.items() if now - s.time > SNAPSHOT_STALE_SECONDS]:
+        for name in [n for n, s in self._snapshots.items() if now - s.time > self._stale_seconds]:
             del self._snapshots[name]
         return sorted(self._snapshots.values(), key=lambda s: s.replica)
 

@@ -47,6 +47,7 @@ from engines.ray_replica import (
     routing_key,
 )
 from gateway.metrics import GatewayMetrics
+from gateway.ray_loopback import HOOK as LOOPBACK_HOOK
 from gateway.settings import Settings
 
 log = logging.getLogger("peft_gateway.ray")
@@ -550,7 +551,7 @@ def build_application(settings: Settings, directory_namespace: str) -> Any:
     )
 
 
-def start_directory(namespace: str) -> Any:
+def start_directory(namespace: str, health_check_period_s: float) -> Any:
     """The snapshot directory actor; detached, so it outlives the deploying process's handle to it
     (``undeploy`` removes it with the application)."""
     import ray
@@ -560,7 +561,7 @@ def start_directory(namespace: str) -> Any:
         .options(
             name=DIRECTORY_NAME, namespace=namespace, get_if_exists=True, num_cpus=0, lifetime="detached"
         )
-        .remote()
+        .remote(stale_seconds=3 * health_check_period_s + 2)
     )
 
 
@@ -580,7 +581,7 @@ def deploy(settings: Settings, *, host: str, port: int, namespace: str = APP_NAM
     from ray import serve
 
     serve.start(http_options={"host": host, "port": port})
-    directory = start_directory(namespace)
+    directory = start_directory(namespace, settings.cluster.health_check_period_s)
     handle = serve.run(build_application(settings, namespace), name=APP_NAME, route_prefix="/")
     return handle, directory
 
@@ -602,6 +603,7 @@ def init_local_ray(
         _temp_dir=temp_dir,
         namespace=APP_NAME,
         configure_logging=False,
+        runtime_env={"worker_process_setup_hook": LOOPBACK_HOOK},
     )
 
 
