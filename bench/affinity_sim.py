@@ -90,7 +90,9 @@ def main() -> None:
     parser.add_argument("--capacities", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    print("| Zipf s | replicas | LRU per replica | random hit | affinity hit | hash hit | affinity busiest/even |")
+    print(
+        "| Zipf s | replicas | LRU per replica | random hit | affinity hit | hash hit | affinity busiest/even |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for exponent in args.exponents:
         for capacity in args.capacities:

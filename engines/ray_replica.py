@@ -295,7 +295,7 @@ def replica_class(max_models_per_replica: int) -> type[EngineReplica]:
     from ray import serve
 
     class MultiplexedEngineReplica(EngineReplica):
-        @serve.multiplexed(max_num_models_per_replica=max_models_per_replica)  # type: ignore[misc]
+        @serve.multiplexed(max_num_models_per_replica=max_models_per_replica)  # type: ignore[untyped-decorator]
         async def _routing_token(self, model_id: str) -> RoutingToken:
             return RoutingToken(model_id)
 

@@ -17,7 +17,7 @@ HOOK = "gateway.ray_loopback.keep_serve_grpc_on_loopback"
 def keep_serve_grpc_on_loopback() -> None:
     from ray.serve._private import replica
 
-    original = replica.add_port_to_grpc_server
+    original = replica.add_port_to_grpc_server  # type: ignore[attr-defined]
     if getattr(original, "_peft_gateway_loopback", False):
         return
 
@@ -25,4 +25,4 @@ def keep_serve_grpc_on_loopback() -> None:
         return int(original(server, address.replace("[::]", "127.0.0.1", 1)))
 
     on_loopback._peft_gateway_loopback = True  # type: ignore[attr-defined]
-    replica.add_port_to_grpc_server = on_loopback
+    replica.add_port_to_grpc_server = on_loopback  # type: ignore[attr-defined]

@@ -25,7 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -35,6 +35,7 @@ from engines.catalog import Catalog
 from engines.engine import Engine, GenerationReport, ModelInfo
 from engines.errors import EngineError
 from engines.generation import ChatMessage, GenerationEvent, GenerationRequest
+from engines.pool import Lease
 from engines.ray_replica import (
     DIRECTORY_NAME,
     ModelFacts,
@@ -283,10 +284,10 @@ class ClusterEngine:
         self, lease: RemoteLease, messages: list[ChatMessage], **options: Any
     ) -> GenerationRequest:
         """Rendered and tokenized here exactly as the in-process engine does (same code)."""
-        return self._engine_helpers.chat_request(lease, messages, **options)
+        return self._engine_helpers.chat_request(cast(Lease, lease), messages, **options)
 
     def text_request(self, lease: RemoteLease, prompt: str | list[int], **options: Any) -> GenerationRequest:
-        return self._engine_helpers.text_request(lease, prompt, **options)
+        return self._engine_helpers.text_request(cast(Lease, lease), prompt, **options)
 
     async def generate(
         self, lease: RemoteLease, request: GenerationRequest
@@ -429,31 +430,31 @@ class ReplicaCollector(Collector):
     def collect(self) -> Iterator[Any]:
         snapshots = self._engine.snapshots
         yield GaugeMetricFamily("peft_gateway_replicas", "Engine replicas reporting.", value=len(snapshots))
-        gauges = {
+        gauges: dict[str, tuple[str, Callable[[ReplicaSnapshot], float]]] = {
             "peft_gateway_replica_models_loaded": ("Loaded bases and variants.", lambda s: len(s.loaded)),
             "peft_gateway_replica_cache_bytes": ("Bytes of weights held.", lambda s: s.cache_bytes),
             "peft_gateway_replica_queue_depth": ("Requests waiting for a slot.", lambda s: s.queue_depth),
             "peft_gateway_replica_active_sequences": ("Sequences running.", lambda s: s.active_sequences),
         }
-        for name, (help_text, value) in gauges.items():
-            family = GaugeMetricFamily(name, help_text, labels=["replica"])
+        for name, (help_text, read) in gauges.items():
+            gauge = GaugeMetricFamily(name, help_text, labels=["replica"])
             for snapshot in snapshots:
-                family.add_metric([snapshot.replica], float(value(snapshot)))
-            yield family
+                gauge.add_metric([snapshot.replica], float(read(snapshot)))
+            yield gauge
         served = CounterMetricFamily("peft_gateway_replica_requests", "Streams started.", labels=["replica"])
         for snapshot in snapshots:
             served.add_metric([snapshot.replica], float(snapshot.requests))
         yield served
         for counter in ("loads", "hits", "misses", "evictions"):
-            family = CounterMetricFamily(
+            per_model = CounterMetricFamily(
                 f"peft_gateway_replica_model_{counter}",
                 f"Pool {counter} per model.",
                 labels=["replica", "model"],
             )
             for snapshot in snapshots:
                 for model, value in sorted(snapshot.counters.get(counter, {}).items()):
-                    family.add_metric([snapshot.replica, model], float(value))
-            yield family
+                    per_model.add_metric([snapshot.replica, model], float(value))
+            yield per_model
         info = GaugeMetricFamily(
             "vllm:lora_requests_info",
             "Running and waiting LoRA adapters per replica (vLLM-compatible).",
@@ -534,16 +535,15 @@ def build_application(settings: Settings, directory_namespace: str) -> Any:
         }
     else:
         options["num_replicas"] = cluster.num_replicas
-    engines = serve.deployment(replica_class(cluster.max_models_per_replica), name="EngineReplica", **options)
+    engines = serve.deployment(name="EngineReplica", **options)(replica_class(cluster.max_models_per_replica))
     ingress = serve.deployment(
-        serve.ingress()(GatewayIngress),
         name="Gateway",
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=1000,
         health_check_period_s=cluster.health_check_period_s,
         graceful_shutdown_timeout_s=5.0,
         graceful_shutdown_wait_loop_s=0.5,
-    )
+    )(serve.ingress()(GatewayIngress))
     return ingress.bind(
         settings.model_dump(mode="json"),
         engines.bind(settings.catalog(), limits, directory_namespace),

@@ -61,7 +61,10 @@ def ray_settings(tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFacto
     return Settings(
         models={
             "tiny": ModelSettings(
-                source=str(tiny_models.base), aliases=["test-org/tiny-base"], dtype="float32", context_length=256
+                source=str(tiny_models.base),
+                aliases=["test-org/tiny-base"],
+                dtype="float32",
+                context_length=256,
             )
         },
         adapters=adapters,

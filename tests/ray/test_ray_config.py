@@ -62,8 +62,18 @@ def test_directory_forgets_replicas_that_stopped_reporting() -> None:
         import time
 
         return ReplicaSnapshot(
-            replica=name, node="n", time=time.time() - age, models=(), loaded=(), cache_bytes=0,
-            queue_depth=0, active_sequences=0, requests=0, running_adapters=(), waiting_adapters=(), max_lora=1,
+            replica=name,
+            node="n",
+            time=time.time() - age,
+            models=(),
+            loaded=(),
+            cache_bytes=0,
+            queue_depth=0,
+            active_sequences=0,
+            requests=0,
+            running_adapters=(),
+            waiting_adapters=(),
+            max_lora=1,
         )
 
     directory.publish(snapshot("alive", 1))
@@ -76,7 +86,9 @@ def test_serve_with_ray_address_deploys_on_ray(tmp_path: Path, monkeypatch: pyte
     import gateway.ray_serve
 
     calls: list[Any] = []
-    monkeypatch.setattr(gateway.ray_serve, "serve_on_ray", lambda settings, address: calls.append(address) or 0)
+    monkeypatch.setattr(
+        gateway.ray_serve, "serve_on_ray", lambda settings, address: calls.append(address) or 0
+    )
     assert cli.main(["serve", "--config", str(write_config(tmp_path, "")), "--ray", "local"]) == 0
     config = write_config(tmp_path, '[cluster]\nray_address = "ray://head:10001"\n')
     assert cli.main(["serve", "--config", str(config)]) == 0
@@ -89,7 +101,9 @@ def test_serve_with_ray_but_without_ray_installed_says_what_to_install(
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a)
+    )
     monkeypatch.setitem(sys.modules, "gateway.ray_serve", None)
     code = cli.main(["serve", "--config", str(write_config(tmp_path, "")), "--ray", "local"])
     assert code == cli.EXIT_USAGE

@@ -97,7 +97,9 @@ def test_greedy_answers_equal_single_process(ray_gateway: RayGateway, expected: 
         assert response.headers[HEADER].startswith("SERVE_REPLICA::")
 
 
-def test_bare_adapter_alias_routes_like_its_full_name(ray_gateway: RayGateway, expected: dict[str, str]) -> None:
+def test_bare_adapter_alias_routes_like_its_full_name(
+    ray_gateway: RayGateway, expected: dict[str, str]
+) -> None:
     assert answer(chat(ray_gateway.url, "lora-a")) == expected["tiny+lora-a"]
 
 
@@ -106,7 +108,12 @@ def test_bare_adapter_alias_routes_like_its_full_name(ray_gateway: RayGateway, e
     [
         (
             "/v1/chat/completions",
-            {"messages": QUESTION, "stream_options": {"include_usage": True}, "logprobs": True, "top_logprobs": 2},
+            {
+                "messages": QUESTION,
+                "stream_options": {"include_usage": True},
+                "logprobs": True,
+                "top_logprobs": 2,
+            },
         ),
         ("/v1/completions", {"prompt": "Once upon a time", "echo": True}),
     ],
@@ -128,7 +135,11 @@ def test_openai_sdk_streams_through_ray(ray_gateway: RayGateway, expected: dict[
 
     client = openai.OpenAI(base_url=ray_gateway.v1, api_key="unused", max_retries=0)
     stream = client.chat.completions.create(
-        model="tiny+lora-c", messages=QUESTION, max_tokens=8, temperature=0, stream=True,  # type: ignore[arg-type]
+        model="tiny+lora-c",
+        messages=QUESTION,
+        max_tokens=8,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
         stream_options={"include_usage": True},
     )
     text, usage = "", None
@@ -202,8 +213,12 @@ def test_killed_replica_loses_no_request_that_had_not_started(
 
     def long_stream() -> None:
         body = {
-            "model": "tiny+lora-d", "messages": QUESTION, "max_tokens": 200, "ignore_eos": True,
-            "temperature": 0, "stream": True,
+            "model": "tiny+lora-d",
+            "messages": QUESTION,
+            "max_tokens": 200,
+            "ignore_eos": True,
+            "temperature": 0,
+            "stream": True,
         }
         with httpx.stream("POST", f"{ray_gateway.v1}/chat/completions", json=body, timeout=120) as response:
             for line in response.iter_lines():
