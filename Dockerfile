@@ -20,7 +20,7 @@ COPY engines ./engines
 COPY gateway ./gateway
 # EXTRAS="[ray]" adds Ray Serve (compose.yaml's "ray" profile builds it that way).
 ARG EXTRAS=""
-RUN pip install ".${EXTRAS}" && rm -rf /src
+RUN pip install .${EXTRAS} && rm -rf /src
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin gateway \
     && mkdir -p /data/hf /config \
