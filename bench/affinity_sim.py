@@ -18,9 +18,9 @@ sends a request elsewhere when the holder is at ``max_ongoing_requests``, which 
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 from collections import Counter, OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -47,22 +47,20 @@ class Replica:
         return False
 
 
-def zipf_sampler(adapters: int, exponent: float, rng: random.Random) -> Callable[[], int]:
-    weights = [1.0 / (rank**exponent) for rank in range(1, adapters + 1)]
-    population = list(range(adapters))
-    return lambda: rng.choices(population, weights)[0]
+def zipf_draws(adapters: int, exponent: float, requests: int, rng: random.Random) -> list[int]:
+    """``requests`` adapter ids, adapter ``k`` (0-based) with probability proportional to 1/(k+1)^s."""
+    cumulative = list(itertools.accumulate(1.0 / (rank**exponent) for rank in range(1, adapters + 1)))
+    return rng.choices(range(adapters), cum_weights=cumulative, k=requests)
 
 
 def simulate(
     policy: str, replicas: int, capacity: int, exponent: float, requests: int, adapters: int, seed: int
 ) -> Result:
     rng = random.Random(seed)
-    draw = zipf_sampler(adapters, exponent, rng)
     pool = [Replica(capacity) for _ in range(replicas)]
     window: Counter[int] = Counter()  # recent requests per replica, standing in for "busy"
     hits = 0
-    for step in range(requests):
-        adapter = draw()
+    for step, adapter in enumerate(zipf_draws(adapters, exponent, requests, rng)):
         if policy == "random":
             index = rng.randrange(replicas)
         elif policy == "hash":

@@ -78,6 +78,8 @@ class ReplicaNote:
     """Which replica served the current request; filled by ``ClusterEngine.generate``."""
 
     name: str | None = None
+    #: The replica that answered ``acquire``: named when no stream ran (``/v1/load_model``).
+    described: str | None = None
     flush: Callable[[], Awaitable[None]] | None = None
 
     async def record(self, name: str) -> None:
@@ -113,9 +115,10 @@ class ReplicaHeader:
         async def flush() -> None:
             while held:
                 message = held.pop(0)
-                if message["type"] == "http.response.start" and note.name is not None:
+                replica = note.name or note.described
+                if message["type"] == "http.response.start" and replica is not None:
                     headers = list(message.get("headers", []))
-                    headers.append((REPLICA_HEADER.encode(), note.name.encode("latin-1", "replace")))
+                    headers.append((REPLICA_HEADER.encode(), replica.encode("latin-1", "replace")))
                     message = {**message, "headers": headers}
                 await send(message)
 
@@ -273,7 +276,7 @@ class ClusterEngine:
             raise payload
         facts, tokenizer = payload
         if note is not None:
-            note.name = note.name or facts.replica
+            note.described = facts.replica
         if tokenizer is not None:
             self._tokenizers[facts.tokenizer_key] = tokenizer
             while len(self._tokenizers) > TOKENIZER_CACHE_SIZE:
