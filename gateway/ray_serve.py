@@ -260,12 +260,13 @@ class ClusterEngine:
         )
         return RemoteLease(facts.model_id, loaded)
 
-    async def _describe(self, key: str) -> tuple[ModelFacts, Any]:
+    async def _describe(self, key: str, *, resend_tokenizer: bool = False) -> tuple[ModelFacts, Any]:
         note = CURRENT_REPLICA.get()
+        known = frozenset() if resend_tokenizer else frozenset(self._tokenizers)
         for attempt in range(RETRIES + 1):
             try:
                 kind, payload = await self.handle.options(multiplexed_model_id=key).describe.remote(
-                    key, frozenset(self._tokenizers)
+                    key, known
                 )
                 break
             except Exception as exc:
@@ -277,11 +278,15 @@ class ClusterEngine:
         facts, tokenizer = payload
         if note is not None:
             note.described = facts.replica
-        if tokenizer is not None:
-            self._tokenizers[facts.tokenizer_key] = tokenizer
-            while len(self._tokenizers) > TOKENIZER_CACHE_SIZE:
-                self._tokenizers.popitem(last=False)
-        return facts, self._tokenizers[facts.tokenizer_key]
+        if tokenizer is None:
+            tokenizer = self._tokenizers.get(facts.tokenizer_key)
+            if tokenizer is None:  # dropped from the cache while the replica answered
+                return await self._describe(key, resend_tokenizer=True)
+        self._tokenizers[facts.tokenizer_key] = tokenizer
+        self._tokenizers.move_to_end(facts.tokenizer_key)
+        while len(self._tokenizers) > TOKENIZER_CACHE_SIZE:
+            self._tokenizers.popitem(last=False)
+        return facts, tokenizer
 
     def chat_request(
         self, lease: RemoteLease, messages: list[ChatMessage], **options: Any
