@@ -24,6 +24,7 @@ from bench.models import ensure_smollm2_shaped
 from bench.serving import Gateway, Row, load_test
 
 LEVELS = ((1, 3), (8, 16))  # (clients, requests)
+QUICK_LEVELS = ((1, 2), (8, 8))
 
 
 class RayGateway(Gateway):
@@ -52,7 +53,7 @@ class RayGateway(Gateway):
             stderr=subprocess.DEVNULL,
             env=env,
         )
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError("peft-gateway serve --ray local exited")
@@ -73,30 +74,33 @@ class RayGateway(Gateway):
                 self.process.kill()
 
 
-def measure(gateway: Gateway, label: str, new_tokens: int) -> list[Row]:
-    stream_warmup = load_test(gateway.url, ["smol"], 1, 1, 4, f"{label} warm-up")
-    del stream_warmup
-    return [
-        load_test(gateway.url, ["smol"], clients, requests, new_tokens, f"{label}, {clients} clients")
-        for clients, requests in LEVELS
-    ]
+def measure(gateway: Gateway, label: str, new_tokens: int, levels: tuple[tuple[int, int], ...]) -> list[Row]:
+    load_test(gateway.url, ["smol"], 1, 1, 4, f"{label} warm-up")
+    rows = []
+    for clients, requests in levels:
+        row = load_test(gateway.url, ["smol"], clients, requests, new_tokens, f"{label}, {clients} clients")
+        print(f"{row.name}: {row.tokens_per_second:.2f} tok/s, TTFT {row.ttft_ms:.0f} ms", flush=True)
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--quick", action="store_true", help="2 and 8 requests, for a busy machine")
     args = parser.parse_args(argv)
+    levels = QUICK_LEVELS if args.quick else LEVELS
     base, adapters = ensure_smollm2_shaped()
     with Gateway(base, adapters, dtype=args.dtype) as direct:
         direct.preload("smol")
-        direct_rows = measure(direct, "direct", args.new_tokens)
+        direct_rows = measure(direct, "direct", args.new_tokens, levels)
     with RayGateway(base, adapters, dtype=args.dtype) as through_ray:
         through_ray.preload("smol")
-        ray_rows = measure(through_ray, "through Ray", args.new_tokens)
+        ray_rows = measure(through_ray, "through Ray", args.new_tokens, levels)
     print("| clients | direct tok/s | Ray tok/s | ratio | direct TTFT ms | Ray TTFT ms | added TTFT ms |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for (clients, _), d, r in zip(LEVELS, direct_rows, ray_rows, strict=True):
+    for (clients, _), d, r in zip(levels, direct_rows, ray_rows, strict=True):
         assert d.ttft_ms is not None and r.ttft_ms is not None
         print(
             f"| {clients} | {d.tokens_per_second:.1f} | {r.tokens_per_second:.1f} | "
