@@ -62,6 +62,10 @@ LOOPBACK_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
 }
+#: How long Serve's router waits to learn which replica took a new model name before it falls back to
+#: "the replica with the fewest models" (Serve's default, 1 s, is shorter than its own update latency
+#: on a busy host, and a miss there loads the adapter on a second replica). Set in the ingress.
+ROUTER_ENV = {"RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S": "3"}
 #: A request whose replica died before it produced anything is sent again, this many times at most.
 RETRIES = 3
 RETRY_PAUSE_SECONDS = 0.5
@@ -546,7 +550,7 @@ def build_application(settings: Settings, directory_namespace: str) -> Any:
     engines = serve.deployment(name="EngineReplica", **options)(replica_class(cluster.max_models_per_replica))
     ingress = serve.deployment(
         name="Gateway",
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": ROUTER_ENV}},
         max_ongoing_requests=1000,
         health_check_period_s=cluster.health_check_period_s,
         graceful_shutdown_timeout_s=5.0,
@@ -598,7 +602,7 @@ def init_local_ray(
     temp_dir: str, *, num_cpus: float | None = None, object_store_bytes: int = 200 * 2**20
 ) -> None:
     """A private Ray instance on this machine, every listener on 127.0.0.1 (see ``LOOPBACK_ENV``)."""
-    for key, value in LOOPBACK_ENV.items():
+    for key, value in {**LOOPBACK_ENV, **ROUTER_ENV}.items():
         os.environ.setdefault(key, value)
     import ray
 

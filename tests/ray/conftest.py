@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 
 from gateway.ray_loopback import HOOK as LOOPBACK_HOOK
-from gateway.ray_serve import LOOPBACK_ENV
+from gateway.ray_serve import LOOPBACK_ENV, ROUTER_ENV
 from gateway.settings import AdapterSettings, ClusterSettings, EngineSettings, ModelSettings, Settings
 from tests.conftest import TinyModels, free_port
 
-for _key, _value in LOOPBACK_ENV.items():
+for _key, _value in {**LOOPBACK_ENV, **ROUTER_ENV}.items():
     os.environ.setdefault(_key, _value)
 
 ADAPTERS = ("lora-a", "lora-b", "lora-c", "lora-d")

@@ -89,6 +89,29 @@ def _connections(process: Any) -> list[Any]:
         return []
 
 
+def test_requests_stick_to_the_replica_that_first_loaded_their_adapter(ray_gateway: RayGateway) -> None:
+    owners = {name: chat(ray_gateway.url, f"tiny+{name}").headers[HEADER] for name in ADAPTERS}
+    served: dict[str, Counter[str]] = {name: Counter() for name in ADAPTERS}
+    lock = threading.Lock()
+
+    def client(names: list[str]) -> None:
+        for name in names * 5:
+            replica = chat(ray_gateway.url, f"tiny+{name}", max_tokens=2).headers[HEADER]
+            with lock:
+                served[name][replica] += 1
+
+    threads = [threading.Thread(target=client, args=([a, b],)) for a, b in (ADAPTERS[:2], ADAPTERS[2:])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name in ADAPTERS:
+        total = sum(served[name].values())
+        assert total == 5
+        assert served[name][owners[name]] / total >= 0.95, (name, owners[name], served[name])
+    assert len(set(owners.values())) == 2, f"both replicas should hold adapters: {owners}"
+
+
 def test_greedy_answers_equal_single_process(ray_gateway: RayGateway, expected: dict[str, str]) -> None:
     assert len(set(expected.values())) == len(MODELS), "each adapter must change the answer"
     for model in MODELS:
@@ -150,29 +173,6 @@ def test_openai_sdk_streams_through_ray(ray_gateway: RayGateway, expected: dict[
             usage = chunk.usage
     assert text == expected["tiny+lora-c"]
     assert usage is not None and usage.completion_tokens > 0
-
-
-def test_requests_stick_to_the_replica_that_first_loaded_their_adapter(ray_gateway: RayGateway) -> None:
-    owners = {name: chat(ray_gateway.url, f"tiny+{name}").headers[HEADER] for name in ADAPTERS}
-    served: dict[str, Counter[str]] = {name: Counter() for name in ADAPTERS}
-    lock = threading.Lock()
-
-    def client(names: list[str]) -> None:
-        for name in names * 5:
-            replica = chat(ray_gateway.url, f"tiny+{name}", max_tokens=2).headers[HEADER]
-            with lock:
-                served[name][replica] += 1
-
-    threads = [threading.Thread(target=client, args=([a, b],)) for a, b in (ADAPTERS[:2], ADAPTERS[2:])]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for name in ADAPTERS:
-        total = sum(served[name].values())
-        assert total == 5
-        assert served[name][owners[name]] / total >= 0.95, (name, owners[name], served[name])
-    assert len(set(owners.values())) == 2, f"both replicas should hold adapters: {owners}"
 
 
 def test_models_and_metrics_show_every_replica(ray_gateway: RayGateway) -> None:
