@@ -218,7 +218,11 @@ class EngineReplica:
         self._bump(self._waiting, model_id, 1)
         waiting = True
         try:
-            await self._track()
+            # Claim the name for routing only if this replica already had the model: a stream that
+            # lands here only because Serve had not yet heard which replica ``describe`` loaded it on
+            # must not make the name live on two replicas from then on.
+            if any(entry.loaded.name == model_id for entry in self.engine.pool.entries()):
+                await self._track()
             lease = await self.engine.acquire(model_id)
             try:
                 async with contextlib.aclosing(self.engine.generate(lease, request)) as events:
