@@ -18,7 +18,9 @@ WORKDIR /src
 COPY pyproject.toml README* ./
 COPY engines ./engines
 COPY gateway ./gateway
-RUN pip install . && rm -rf /src
+# EXTRAS="[ray]" adds Ray Serve (compose.yaml's "ray" profile builds it that way).
+ARG EXTRAS=""
+RUN pip install .${EXTRAS} && rm -rf /src
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin gateway \
     && mkdir -p /data/hf /config \

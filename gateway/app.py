@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -95,14 +96,24 @@ def middleware(settings: Settings) -> list[Middleware]:
     return stack
 
 
-def create_app(settings: Settings) -> Starlette:
+#: Makes the app's engine and hooks it to the app's metrics: the in-process ``Engine`` by default, or an
+#: engine-like client of engine replicas elsewhere (``gateway.ray_serve``), so the routes stay the same.
+EngineFactory = Callable[[Settings, GatewayMetrics], Any]
+
+
+def local_engine(settings: Settings, metrics: GatewayMetrics) -> Engine:
+    engine = Engine(settings.catalog(), engine_limits(settings))
+    metrics.attach(engine)
+    return engine
+
+
+def create_app(settings: Settings, engine_factory: EngineFactory = local_engine) -> Starlette:
     """A gateway for ``settings``; nothing is loaded until the first request names a model."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        engine = Engine(settings.catalog(), engine_limits(settings))
+        engine = engine_factory(settings, app.state.metrics)
         app.state.engine = engine
-        app.state.metrics.attach(engine)
         try:
             yield
         finally:

@@ -249,6 +249,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = with_demo(settings)
     if not settings.models:
         raise CliError("no models configured; pass --config FILE or --demo", EXIT_USAGE)
+    ray_address = args.ray or settings.cluster.ray_address
+    if ray_address:
+        return _serve_on_ray(settings, ray_address)
     app = create_app(settings)
     print(
         f"peft-gateway: serving {', '.join(settings.models)} on http://{server.host}:{server.port}",
@@ -259,6 +262,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         app, host=server.host, port=server.port, log_config=None, access_log=False, server_header=False
     )
     return EXIT_OK
+
+
+def _serve_on_ray(settings: Settings, address: str) -> int:
+    """``serve --ray``: the same app as Ray Serve's ingress, engines as replicas (``gateway.ray_serve``)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise CliError("serving on Ray needs Ray Serve: pip install 'peft-gateway[ray]'", EXIT_USAGE)
+    from gateway.ray_serve import serve_on_ray
+
+    return serve_on_ray(settings, address)
 
 
 # --- argument parsing -----------------------------------------------------------------------------
@@ -284,6 +298,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-format", choices=["text", "json"], help="access log format")
     serve.add_argument(
         "--demo", action="store_true", help="also serve the built-in models 'demo' and 'demo+demo-zh'"
+    )
+    serve.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="serve on a Ray cluster: 'local' starts a private one, else a Ray address (or [cluster] ray_address)",
     )
     serve.set_defaults(handler=cmd_serve)
 

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -82,6 +82,35 @@ class HubSettings(_Strict):
     #: How long the Hub's "no such adapter" answer is remembered (0: not at all).
     negative_cache_seconds: float = Field(default=60.0, ge=0)
 
+class ClusterSettings(_Strict):
+    """Serving on a Ray cluster (``peft-gateway serve --ray``): the engine deployment's shape.
+
+    ``min_replicas``/``max_replicas`` switch on Serve's autoscaling (on queued requests per replica);
+    otherwise ``num_replicas`` replicas run. ``max_models_per_replica`` is how many model names Serve
+    remembers per replica for routing; it never frees memory (the pool's budget does that).
+    """
+
+    ray_address: str | None = None
+    num_replicas: int = Field(default=1, ge=1)
+    min_replicas: int | None = Field(default=None, ge=0)
+    max_replicas: int | None = Field(default=None, ge=1)
+    cpus_per_replica: float = Field(default=1.0, ge=0)
+    gpus_per_replica: float = Field(default=0.0, ge=0)
+    max_models_per_replica: int = Field(default=16, ge=1)
+    health_check_period_s: float = Field(default=2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _autoscaling_bounds(self) -> ClusterSettings:
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("set both min_replicas and max_replicas (autoscaling) or neither")
+        if (
+            self.min_replicas is not None
+            and self.max_replicas is not None
+            and self.min_replicas > self.max_replicas
+        ):
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
 
 class Settings(BaseSettings):
     """Everything the gateway reads at start."""
@@ -103,6 +132,7 @@ class Settings(BaseSettings):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     hub: HubSettings = Field(default_factory=HubSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     demo: bool = False
 
     @classmethod

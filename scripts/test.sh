@@ -6,7 +6,7 @@
 # the test skips with a note when Chromium is not there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS=test,dev bash scripts/install.sh
+EXTRAS=test,dev,ray bash scripts/install.sh
 if [[ -x /usr/bin/chromium && -x /usr/bin/chromedriver ]]; then
     :
 elif [[ "${CI:-}" == "true" || "${PEFT_GATEWAY_INSTALL_BROWSER:-}" == "1" ]]; then
