@@ -181,7 +181,10 @@ class Engine:
     async def acquire(self, model: str) -> Lease:
         """Parse ``model`` and hold the loaded base or variant it names (loading it if needed)."""
         name = ModelName.parse(model)
-        spec = self.catalog.adapter_alias(name.base) if name.adapter is None else None
+        # A base (or base alias) always wins over an adapter alias of the same name, so that no alias
+        # can take over the traffic of a base.
+        is_base = any(name.base == b.name or name.base in b.aliases for b in self.catalog.bases)
+        spec = self.catalog.adapter_alias(name.base) if name.adapter is None and not is_base else None
         if spec is not None:  # a bare adapter alias means "<its base>+<alias>"
             name = ModelName(base=spec.base, adapter=spec.alias, revision=spec.revision)
         return await self.pool.acquire(name)

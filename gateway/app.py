@@ -89,7 +89,9 @@ def middleware(settings: Settings) -> list[Middleware]:
             )
         )
     stack.append(Middleware(BodySizeLimit, max_bytes=int(server.max_body_bytes)))
-    stack.append(Middleware(ApiKeyAuth, keys=list(server.api_keys)))
+    # An admin key also works as an API key; the admin routes themselves check for an admin key.
+    keys = [*server.api_keys, *server.admin_keys] if server.api_keys else []
+    stack.append(Middleware(ApiKeyAuth, keys=keys))
     return stack
 
 

@@ -19,7 +19,12 @@ Body = TypeVar("Body", bound=BaseModel)
 
 
 async def parse_body(request: Request, schema: type[Body]) -> Body:
-    """The JSON body validated against ``schema``; 400 naming the first bad field otherwise."""
+    """The JSON body validated against ``schema``; 400 naming the first bad field otherwise.
+
+    The body must be declared ``application/json``: a browser page on another site can send a
+    ``text/plain`` POST without asking first (no CORS preflight), and such a request must not act.
+    """
+    require_json(request)
     payload = await parse_json(request)
     if not isinstance(payload, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
@@ -29,6 +34,19 @@ async def parse_body(request: Request, schema: type[Body]) -> Body:
         return schema.model_validate(payload)
     except ValidationError as exc:
         raise from_validation(exc) from exc
+
+
+def require_json(request: Request) -> None:
+    """415 unless the request says its body is JSON (``application/json``, parameters allowed)."""
+    declared = request.headers.get("content-type", "")
+    media_type = declared.split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        shown = f"'{declared[:100]}'" if declared else "none"
+        raise APIError(
+            415,
+            f"This route takes a JSON body: send 'Content-Type: application/json' (got {shown}).",
+            code="unsupported_media_type",
+        )
 
 
 def cap_tokens(request: GenerationRequest, limit: int) -> GenerationRequest:
