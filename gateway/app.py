@@ -6,6 +6,7 @@ import contextlib
 import logging
 import tempfile
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -28,6 +29,9 @@ from gateway.playground import playground
 from gateway.settings import Settings
 
 log = logging.getLogger("peft_gateway.app")
+
+#: Threads preparing prompts at once; more would only compete with the engine for the same cores.
+PROMPT_WORKERS = 4
 
 
 async def health(request: Request) -> Response:
@@ -103,9 +107,15 @@ def create_app(settings: Settings) -> Starlette:
         engine = Engine(settings.catalog(), engine_limits(settings))
         app.state.engine = engine
         app.state.metrics.attach(engine)
+        # Chat templating and tokenization run here, off the event loop (see gateway.requests.off_loop).
+        prompt_workers = ThreadPoolExecutor(
+            max_workers=PROMPT_WORKERS, thread_name_prefix="peft-gateway-prompt"
+        )
+        app.state.prompt_workers = prompt_workers
         try:
             yield
         finally:
+            prompt_workers.shutdown(wait=False, cancel_futures=True)
             engine.close()
 
     routes = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -10,15 +11,31 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from engines.engine import Engine
+from engines.engine import Admitted, Engine
 from engines.generation import ChatMessage, GenerationRequest
-from engines.pool import Lease
+from engines.template_sandbox import RenderLimits
 from gateway.cancellation import run_while_connected
 from gateway.errors import APIError
 from gateway.protocol import ChatCompletionRequest
-from gateway.requests import cap_tokens, check_choices, check_limits, parse_body, sampling_params
+from gateway.requests import (
+    cap_tokens,
+    check_choices,
+    check_limits,
+    check_prompt_size,
+    off_loop,
+    parse_body,
+    sampling_params,
+)
 from gateway.settings import Settings
-from gateway.streaming import chunk_writer, envelope, event_stream, logprob_entries, run_choices, usage_dict
+from gateway.streaming import (
+    admit_all,
+    chunk_writer,
+    envelope,
+    event_stream,
+    logprob_entries,
+    run_choices,
+    usage_dict,
+)
 
 
 def refuse_unsupported(body: ChatCompletionRequest) -> None:
@@ -81,6 +98,7 @@ async def chat_completions(request: Request) -> Response:
     limit = body.token_limit()
     check_limits(settings, limit, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
     check_choices(settings, body.n, "n")
+    check_prompt_size(settings, sum(len(m.text() or "") for m in body.messages), "messages")
     lease = await engine.acquire(body.model)
     try:
         messages = [
@@ -95,27 +113,38 @@ async def chat_completions(request: Request) -> Response:
         ]
         tools = body.tools if body.tool_choice != "none" else None
         top = body.top_logprobs or 0
-        requests = [
-            engine.chat_request(
+        limits = RenderLimits(
+            seconds=settings.server.prompt_timeout, max_chars=4 * settings.server.max_prompt_chars
+        )
+        samplings = [
+            sampling_params(
+                body,
+                choice=i,
+                logprobs=body.logprobs,
+                top_logprobs=top,
+                defaults=lease.loaded.sampling_defaults,
+            )
+            for i in range(body.n)
+        ]
+        first = await off_loop(
+            request,
+            lambda: engine.chat_request(
                 lease,
                 messages,
                 max_tokens=limit,
-                sampling=sampling_params(
-                    body,
-                    choice=i,
-                    logprobs=body.logprobs,
-                    top_logprobs=top,
-                    defaults=lease.loaded.sampling_defaults,
-                ),
+                sampling=samplings[0],
                 stop=body.stop_list(),
                 request_id=getattr(request.state, "request_id", ""),
                 ignore_eos=body.ignore_eos,
                 tools=tools,
-            )
-            for i in range(body.n)
-        ]
+                limits=limits,
+            ),
+        )
+        # The prompt is the same for every choice: render it once, vary only the sampling.
+        requests = [dataclasses.replace(first, sampling=sampling) for sampling in samplings]
         if requests[0].max_tokens > settings.server.max_tokens_limit:
             requests = [cap_tokens(r, settings.server.max_tokens_limit) for r in requests]
+        admitted = admit_all(engine, lease, requests)
     except BaseException:
         lease.release()
         raise
@@ -123,21 +152,22 @@ async def chat_completions(request: Request) -> Response:
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        frames = _stream(engine, lease, requests, body.model, completion_id, created, include_usage)
-        return event_stream(frames, lease)
+        frames = _stream(admitted, requests, body.model, completion_id, created, include_usage)
+        return event_stream(frames, lease, admitted, shutdown_grace=settings.server.shutdown_grace)
     try:
         return await run_while_connected(
             request,
-            _complete(engine, lease, requests, body, completion_id, created),
+            _complete(admitted, requests, body, completion_id, created),
             timeout=settings.server.request_timeout,
         )
     finally:
+        for generation in admitted:
+            generation.cancel()
         lease.release()
 
 
 async def _complete(
-    engine: Engine,
-    lease: Lease,
+    admitted: list[Admitted],
     requests: list[GenerationRequest],
     body: ChatCompletionRequest,
     completion_id: str,
@@ -148,7 +178,7 @@ async def _complete(
     finish: list[str | None] = [None] * len(requests)
     completion_tokens = [0] * len(requests)
     prompt_tokens = len(requests[0].prompt_ids)
-    async for index, event in run_choices(engine, lease, requests):
+    async for index, event in run_choices(admitted):
         if event.error is not None:
             raise event.error
         texts[index] += event.text
@@ -170,8 +200,7 @@ async def _complete(
 
 
 async def _stream(
-    engine: Engine,
-    lease: Lease,
+    admitted: list[Admitted],
     requests: list[GenerationRequest],
     model: str,
     completion_id: str,
@@ -187,7 +216,7 @@ async def _stream(
         yield chunk(
             [{"index": index, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]
         )
-    async for index, event in run_choices(engine, lease, requests):
+    async for index, event in run_choices(admitted):
         if event.error is not None:
             raise event.error
         completion_tokens[index] = event.completion_tokens
