@@ -12,7 +12,7 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -63,6 +63,12 @@ def hf_cache_writable() -> bool:
             return True
     except OSError:
         return False
+
+
+async def client_gone_mid_body(request: Request, exc: Exception) -> Response:
+    """A client that hangs up while sending its body: one quiet log line, not an unhandled 500."""
+    log.info("client disconnected while sending the request body: %s %s", request.method, request.url.path)
+    return Response(status_code=499)
 
 
 def engine_limits(settings: Settings) -> EngineLimits:
@@ -135,7 +141,11 @@ def create_app(settings: Settings) -> Starlette:
     app = Starlette(
         routes=routes,
         middleware=middleware(settings),
-        exception_handlers={ClientDisconnected: handle_client_disconnected, **EXCEPTION_HANDLERS},
+        exception_handlers={
+            ClientDisconnected: handle_client_disconnected,
+            ClientDisconnect: client_gone_mid_body,
+            **EXCEPTION_HANDLERS,
+        },
         lifespan=lifespan,
     )
     app.state.settings = settings

@@ -231,6 +231,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.logs import configure_logging
+    from gateway.serving import uvicorn_options
 
     settings = load_settings(args.config)
     overrides = {"host": args.host, "port": args.port, "log_format": args.log_format}
@@ -247,9 +248,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(
-        app, host=server.host, port=server.port, log_config=None, access_log=False, server_header=False
-    )
+    uvicorn.run(app, **uvicorn_options(server))
     return EXIT_OK
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from gateway.settings import EngineSettings, ModelSettings, ServerSettings
+from gateway.settings import EngineSettings, ModelSettings
 from tests.conftest import RunningServer, TinyModels
 from tests.e2e.conftest import ADMIN, tiny_settings
 
