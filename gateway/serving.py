@@ -23,7 +23,7 @@ def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
     except ImportError:  # pragma: no cover - httptools is an optional uvicorn extra
         from uvicorn.protocols.http.h11_impl import H11Protocol as base
 
-    class HeaderTimeoutProtocol(base):  # type: ignore[misc,valid-type]
+    class HeaderTimeoutProtocol(base):  # type: ignore[misc]
         header_timeout = seconds
 
         def connection_made(self, transport: Any) -> None:
