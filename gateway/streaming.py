@@ -45,10 +45,19 @@ def event_stream(
     """
     import anyio
     from sse_starlette import EventSourceResponse
+    from starlette.background import BackgroundTask
+
+    async def cleanup() -> None:  # async: runs on the event loop, not in a thread
+        """Also runs if the stream was torn down before its generator ever started (its ``finally``
+        would then never run): the queued sequences are dropped and the model is released."""
+        for generation in admitted:
+            generation.cancel()
+        lease.release()
 
     shutdown = anyio.Event()
     return EventSourceResponse(
         _finished(frames, lease, admitted, shutdown, shutdown_grace),
+        background=BackgroundTask(cleanup),
         headers=SSE_HEADERS,
         sep="\n",
         ping=15,
