@@ -8,6 +8,7 @@ gone) cancels the sequence, which the worker drops at its next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncGenerator, Callable
@@ -28,6 +29,7 @@ from engines.prompts import encode_text, render_chat
 from engines.sampling import SamplingParams
 from engines.scheduler import Scheduler
 from engines.sequence import Sequence
+from engines.template_sandbox import DEFAULT_RENDER_LIMITS, RenderLimits
 
 CACHE_SCAN_SECONDS = 10.0
 
@@ -227,7 +229,10 @@ class Engine:
     async def acquire(self, model: str) -> Lease:
         """Parse ``model`` and hold the loaded base or variant it names (loading it if needed)."""
         name = ModelName.parse(model)
-        spec = self.catalog.adapter_alias(name.base) if name.adapter is None else None
+        # A base (or base alias) always wins over an adapter alias of the same name, so that no alias
+        # can take over the traffic of a base.
+        is_base = any(name.base == b.name or name.base in b.aliases for b in self.catalog.bases)
+        spec = self.catalog.adapter_alias(name.base) if name.adapter is None and not is_base else None
         if spec is not None:  # a bare adapter alias means "<its base>+<alias>"
             name = ModelName(base=spec.base, adapter=spec.alias, revision=spec.revision)
         return await self.pool.acquire(name)
@@ -243,8 +248,10 @@ class Engine:
         request_id: str = "",
         ignore_eos: bool = False,
         tools: list[dict[str, Any]] | None = None,
+        limits: RenderLimits = DEFAULT_RENDER_LIMITS,
     ) -> GenerationRequest:
-        prompt = render_chat(lease.loaded.tokenizer, messages, tools)
+        """Blocking (template render and tokenization): call it from a worker thread, not the loop."""
+        prompt = render_chat(lease.loaded.tokenizer, messages, tools, limits)
         request = self._request(lease, prompt, max_tokens, sampling, stop, request_id, "messages")
         return dataclasses.replace(request, ignore_eos=ignore_eos) if ignore_eos else request
 
@@ -335,10 +342,12 @@ class Engine:
         if need > budget.free:
             self.pool.evict_for(loaded.device, need)
 
-    async def generate(
-        self, lease: Lease, request: GenerationRequest
-    ) -> AsyncGenerator[GenerationEvent, None]:
-        """Stream events for ``request``; closing the iterator early cancels the generation."""
+    def admit(self, lease: Lease, request: GenerationRequest) -> Admitted:
+        """Queue ``request`` now, raising ``Overloaded`` when the engine is full.
+
+        Admission happens here rather than at the first iteration of the events, so that a streaming
+        route can still answer 503 (with Retry-After) before its status line is sent.
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
 
@@ -347,10 +356,32 @@ class Engine:
 
         sequence = Sequence(request, lease.loaded, emit)
         started = time.perf_counter()
-        first: float | None = None
-        last: GenerationEvent | None = None
         self._make_kv_room(lease, request)
         self.scheduler.submit(sequence)
+        return Admitted(sequence, self._events(lease, request, sequence, queue, started))
+
+    async def generate(
+        self, lease: Lease, request: GenerationRequest
+    ) -> AsyncGenerator[GenerationEvent, None]:
+        """Stream events for ``request``; closing the iterator early cancels the generation."""
+        admitted = self.admit(lease, request)
+        try:
+            async with contextlib.aclosing(admitted.events) as events:
+                async for event in events:
+                    yield event
+        finally:
+            admitted.cancel()
+
+    async def _events(
+        self,
+        lease: Lease,
+        request: GenerationRequest,
+        sequence: Sequence,
+        queue: asyncio.Queue[GenerationEvent],
+        started: float,
+    ) -> AsyncGenerator[GenerationEvent, None]:
+        first: float | None = None
+        last: GenerationEvent | None = None
         try:
             while True:
                 event = await queue.get()
@@ -374,3 +405,14 @@ class Engine:
             )
             for reporter in self.reporters:
                 reporter(report)
+
+
+@dataclass
+class Admitted:
+    """A queued sequence and its events; ``cancel`` drops it even if its events are never read."""
+
+    sequence: Sequence
+    events: AsyncGenerator[GenerationEvent, None]
+
+    def cancel(self) -> None:
+        self.sequence.cancel()

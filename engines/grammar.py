@@ -86,6 +86,18 @@ class CompiledGrammar:
     def matcher(self) -> GrammarMatcher:
         return GrammarMatcher(self._template.deep_copy(), self.vocab_size)
 
+    def __reduce__(self) -> tuple[Any, tuple[Constraint]]:
+        """Sent to another process (a Ray replica) as its constraint; the replica compiles it for its own
+        tokenizer (the compiled form is the library's, not picklable)."""
+        return (DeferredGrammar, (self.constraint,))
+
+
+@dataclass(frozen=True)
+class DeferredGrammar:
+    """A constraint that arrived from another process, still to be compiled where it will run."""
+
+    constraint: Constraint
+
 
 class GrammarMatcher:
     """One sequence's parser state: the mask of allowed tokens now, and the tokens taken so far."""

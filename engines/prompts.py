@@ -7,6 +7,12 @@ from typing import Any
 
 from engines.errors import InvalidGenerationRequest
 from engines.generation import ChatMessage
+from engines.template_sandbox import (
+    DEFAULT_RENDER_LIMITS,
+    RenderLimits,
+    TemplateLimitExceeded,
+    render_template,
+)
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -22,13 +28,17 @@ def template_supports_tools(tokenizer: Any) -> bool:
 
 
 def render_chat(
-    tokenizer: Any, messages: list[ChatMessage], tools: list[dict[str, Any]] | None = None
+    tokenizer: Any,
+    messages: list[ChatMessage],
+    tools: list[dict[str, Any]] | None = None,
+    limits: RenderLimits = DEFAULT_RENDER_LIMITS,
 ) -> list[int]:
     """Apply the model's chat template (with the generation prompt) and tokenize the result.
 
     A model without a chat template gets a clear 400 rather than a guessed format: the wrong template
     silently degrades every answer. Tool definitions are rendered only by templates that know them; for
-    any other model they are refused rather than dropped.
+    any other model they are refused rather than dropped. The template runs in a bounded sandbox
+    (``engines.template_sandbox``): it is code from whoever published the model or adapter.
     """
     if not has_chat_template(tokenizer):
         raise InvalidGenerationRequest(
@@ -51,16 +61,39 @@ def render_chat(
         if message.tool_call_id:
             entry["tool_call_id"] = message.tool_call_id
         conversation.append(entry)
-    extra: dict[str, Any] = {"tools": tools} if tools else {}
     try:
-        text = tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=True, **extra
+        text = render_template(
+            _template_source(tokenizer, tools),
+            limits,
+            **{
+                **dict(getattr(tokenizer, "special_tokens_map", {}) or {}),
+                "messages": conversation,
+                "tools": tools or None,
+                "documents": None,
+                "add_generation_prompt": True,
+            },
         )
+    except TemplateLimitExceeded:
+        raise
     except Exception as exc:  # jinja2 raises TemplateError subclasses, templates raise anything
         raise InvalidGenerationRequest(
             f"The model's chat template rejected these messages: {exc}", param="messages"
         ) from exc
-    return encode_text(tokenizer, str(text))
+    return encode_text(tokenizer, text)
+
+
+def _template_source(tokenizer: Any, tools: list[dict[str, Any]] | None) -> str:
+    """The template text to use, choosing among named templates as transformers does."""
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        if tools and "tool_use" in template:
+            return str(template["tool_use"])
+        if "default" in template:
+            return str(template["default"])
+        raise InvalidGenerationRequest(
+            "This model has several chat templates and none is named 'default'.", param="messages"
+        )
+    return str(template)
 
 
 def template_tool_call(call: dict[str, Any]) -> dict[str, Any]:

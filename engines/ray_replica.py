@@ -15,6 +15,7 @@ actor, :class:`ReplicaDirectory`, from its health check; the HTTP ingress reads 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import time
@@ -26,6 +27,7 @@ from engines.catalog import Catalog
 from engines.engine import Engine, EngineLimits, ModelInfo
 from engines.errors import EngineError, InvalidGenerationRequest, Overloaded
 from engines.generation import GenerationRequest
+from engines.grammar import DeferredGrammar
 from engines.names import ModelName
 
 #: Snapshots older than this are from replicas that died or were scaled down.
@@ -225,6 +227,9 @@ class EngineReplica:
                 await self._track()
             lease = await self.engine.acquire(model_id)
             try:
+                if isinstance(request.grammar, DeferredGrammar):
+                    compiled = await self.engine.compile_grammar(lease, request.grammar.constraint)
+                    request = dataclasses.replace(request, grammar=compiled)
                 async with contextlib.aclosing(self.engine.generate(lease, request)) as events:
                     async for event in events:
                         if waiting:

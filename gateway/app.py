@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import tempfile
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -29,6 +31,9 @@ from gateway.playground import playground
 from gateway.settings import Settings
 
 log = logging.getLogger("peft_gateway.app")
+
+#: Threads preparing prompts at once; more would only compete with the engine for the same cores.
+PROMPT_WORKERS = 4
 
 
 async def health(request: Request) -> Response:
@@ -62,6 +67,12 @@ def hf_cache_writable() -> bool:
         return False
 
 
+async def client_gone_mid_body(request: Request, exc: Exception) -> Response:
+    """A client that hangs up while sending its body: one quiet log line, not an unhandled 500."""
+    log.info("client disconnected while sending the request body: %s %s", request.method, request.url.path)
+    return Response(status_code=499)
+
+
 def engine_limits(settings: Settings) -> EngineLimits:
     return EngineLimits(
         max_memory_bytes=int(settings.cache.max_memory) if settings.cache.max_memory else None,
@@ -92,7 +103,9 @@ def middleware(settings: Settings) -> list[Middleware]:
             )
         )
     stack.append(Middleware(BodySizeLimit, max_bytes=int(server.max_body_bytes)))
-    stack.append(Middleware(ApiKeyAuth, keys=list(server.api_keys)))
+    # An admin key also works as an API key; the admin routes themselves check for an admin key.
+    keys = [*server.api_keys, *server.admin_keys] if server.api_keys else []
+    stack.append(Middleware(ApiKeyAuth, keys=keys))
     return stack
 
 
@@ -107,6 +120,22 @@ def local_engine(settings: Settings, metrics: GatewayMetrics) -> Engine:
     return engine
 
 
+async def cancel_fetches_on_exit(engine: Any, poll: float = 0.25) -> None:
+    """On SIGTERM, stop waiting on the Hub at once.
+
+    uvicorn runs the lifespan's shutdown only after connections drain, and a request waiting on a
+    stalled Hub fetch would hold that for up to ``[hub] fetch_timeout``. sse-starlette records the
+    signal (``AppStatus.should_exit``) as soon as uvicorn receives it.
+    """
+    from sse_starlette.sse import AppStatus
+
+    while not AppStatus.should_exit:
+        await asyncio.sleep(poll)
+    cancel = getattr(engine, "cancel_fetches", None)
+    if cancel is not None:
+        cancel()
+
+
 def create_app(settings: Settings, engine_factory: EngineFactory = local_engine) -> Starlette:
     """A gateway for ``settings``; nothing is loaded until the first request names a model."""
 
@@ -114,9 +143,17 @@ def create_app(settings: Settings, engine_factory: EngineFactory = local_engine)
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         engine = engine_factory(settings, app.state.metrics)
         app.state.engine = engine
+        # Chat templating and tokenization run here, off the event loop (see gateway.requests.off_loop).
+        prompt_workers = ThreadPoolExecutor(
+            max_workers=PROMPT_WORKERS, thread_name_prefix="peft-gateway-prompt"
+        )
+        app.state.prompt_workers = prompt_workers
+        watcher = asyncio.ensure_future(cancel_fetches_on_exit(engine))
         try:
             yield
         finally:
+            watcher.cancel()
+            prompt_workers.shutdown(wait=False, cancel_futures=True)
             engine.close()
 
     routes = [
@@ -136,7 +173,11 @@ def create_app(settings: Settings, engine_factory: EngineFactory = local_engine)
     app = Starlette(
         routes=routes,
         middleware=middleware(settings),
-        exception_handlers={ClientDisconnected: handle_client_disconnected, **EXCEPTION_HANDLERS},
+        exception_handlers={
+            ClientDisconnected: handle_client_disconnected,
+            ClientDisconnect: client_gone_mid_body,
+            **EXCEPTION_HANDLERS,
+        },
         lifespan=lifespan,
     )
     app.state.settings = settings

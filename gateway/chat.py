@@ -11,17 +11,33 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from engines.engine import Engine
+from engines.engine import Admitted, Engine
 from engines.generation import ChatMessage, GenerationRequest
-from engines.pool import Lease
+from engines.template_sandbox import RenderLimits
 from engines.toolcalls import ContentDelta, ToolCallStream
 from gateway.cancellation import run_while_connected
 from gateway.constraints import ToolPlan, plan
 from gateway.errors import APIError
 from gateway.protocol import ChatCompletionRequest
-from gateway.requests import cap_tokens, check_choices, check_limits, parse_body, sampling_params
+from gateway.requests import (
+    cap_tokens,
+    check_choices,
+    check_limits,
+    check_prompt_size,
+    off_loop,
+    parse_body,
+    sampling_params,
+)
 from gateway.settings import Settings
-from gateway.streaming import chunk_writer, envelope, event_stream, logprob_entries, run_choices, usage_dict
+from gateway.streaming import (
+    admit_all,
+    chunk_writer,
+    envelope,
+    event_stream,
+    logprob_entries,
+    run_choices,
+    usage_dict,
+)
 
 
 def refuse_unsupported(body: ChatCompletionRequest) -> None:
@@ -69,6 +85,7 @@ async def chat_completions(request: Request) -> Response:
     limit = body.token_limit()
     check_limits(settings, limit, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
     check_choices(settings, body.n, "n")
+    check_prompt_size(settings, sum(len(m.text() or "") for m in body.messages), "messages")
     lease = await engine.acquire(body.model)
     try:
         messages = [
@@ -83,31 +100,42 @@ async def chat_completions(request: Request) -> Response:
         ]
         tools = body.tools if body.tool_choice != "none" else None
         top = body.top_logprobs or 0
-        requests = [
-            engine.chat_request(
+        limits = RenderLimits(
+            seconds=settings.server.prompt_timeout, max_chars=4 * settings.server.max_prompt_chars
+        )
+        samplings = [
+            sampling_params(
+                body,
+                choice=i,
+                logprobs=body.logprobs,
+                top_logprobs=top,
+                defaults=lease.loaded.sampling_defaults,
+            )
+            for i in range(body.n)
+        ]
+        first = await off_loop(
+            request,
+            lambda: engine.chat_request(
                 lease,
                 messages,
                 max_tokens=limit,
-                sampling=sampling_params(
-                    body,
-                    choice=i,
-                    logprobs=body.logprobs,
-                    top_logprobs=top,
-                    defaults=lease.loaded.sampling_defaults,
-                ),
+                sampling=samplings[0],
                 stop=body.stop_list(),
                 request_id=getattr(request.state, "request_id", ""),
                 ignore_eos=body.ignore_eos,
                 tools=tools,
-            )
-            for i in range(body.n)
-        ]
+                limits=limits,
+            ),
+        )
+        # The prompt is the same for every choice: render it once, vary only the sampling.
+        requests = [dataclasses.replace(first, sampling=sampling) for sampling in samplings]
         if requests[0].max_tokens > settings.server.max_tokens_limit:
             requests = [cap_tokens(r, settings.server.max_tokens_limit) for r in requests]
         constraint, tool_plan = plan(body, settings, lease.loaded)
         if constraint is not None:
             grammar = await engine.compile_grammar(lease, constraint)
             requests = [dataclasses.replace(r, grammar=grammar) for r in requests]
+        admitted = admit_all(engine, lease, requests)
     except BaseException:
         lease.release()
         raise
@@ -116,16 +144,18 @@ async def chat_completions(request: Request) -> Response:
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         frames = _stream(
-            engine, lease, requests, body.model, completion_id, created, include_usage, tool_plan
+            admitted, requests, body.model, completion_id, created, include_usage, tool_plan
         )
-        return event_stream(frames, lease)
+        return event_stream(frames, lease, admitted, shutdown_grace=settings.server.shutdown_grace)
     try:
         return await run_while_connected(
             request,
-            _complete(engine, lease, requests, body, completion_id, created, tool_plan),
+            _complete(admitted, requests, body, completion_id, created, tool_plan),
             timeout=settings.server.request_timeout,
         )
     finally:
+        for generation in admitted:
+            generation.cancel()
         lease.release()
 
 
@@ -141,8 +171,7 @@ def _finish_reason(reason: str, parser: ToolCallStream | None) -> str:
 
 
 async def _complete(
-    engine: Engine,
-    lease: Lease,
+    admitted: list[Admitted],
     requests: list[GenerationRequest],
     body: ChatCompletionRequest,
     completion_id: str,
@@ -154,7 +183,7 @@ async def _complete(
     finish: list[str | None] = [None] * len(requests)
     completion_tokens = [0] * len(requests)
     prompt_tokens = len(requests[0].prompt_ids)
-    async for index, event in run_choices(engine, lease, requests):
+    async for index, event in run_choices(admitted):
         if event.error is not None:
             raise event.error
         texts[index] += event.text
@@ -216,8 +245,7 @@ def _delta_chunks(index: int, events: list[Any], entries: dict[str, Any] | None)
 
 
 async def _stream(
-    engine: Engine,
-    lease: Lease,
+    admitted: list[Admitted],
     requests: list[GenerationRequest],
     model: str,
     completion_id: str,
@@ -236,7 +264,7 @@ async def _stream(
         yield chunk(
             [{"index": index, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None}]
         )
-    async for index, event in run_choices(engine, lease, requests):
+    async for index, event in run_choices(admitted):
         if event.error is not None:
             raise event.error
         completion_tokens[index] = event.completion_tokens

@@ -1,7 +1,8 @@
 """``peft-gateway``: serve, and talk to a running gateway (models, pull, launch, unload, chat).
 
 Client verbs reach the gateway at ``--url`` / ``$PEFT_GATEWAY_URL`` (default http://127.0.0.1:8000)
-with ``--api-key`` / ``$PEFT_GATEWAY_API_KEY``. Failures print one line, never a traceback, and the exit
+with ``--api-key`` / ``$PEFT_GATEWAY_API_KEY``; the verbs that use admin routes (``launch``, ``unload``)
+send ``--admin-key`` / ``$PEFT_GATEWAY_ADMIN_KEY`` instead (an admin key also passes as an API key). Failures print one line, never a traceback, and the exit
 code says what happened: 0 ok, 1 the gateway refused or failed the request, 2 bad usage or config,
 3 the gateway could not be reached.
 """
@@ -106,6 +107,11 @@ def _client(args: argparse.Namespace) -> GatewayClient:
     return GatewayClient(args.url, args.api_key)
 
 
+def _admin_client(args: argparse.Namespace) -> GatewayClient:
+    """A client for the admin routes: the admin key, or the API key when no admin key is given."""
+    return GatewayClient(args.url, args.admin_key or args.api_key)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     data = _client(args).request("GET", "/v1/models")["data"]
     if args.json:
@@ -139,14 +145,14 @@ def _model_name(args: argparse.Namespace) -> str:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     name = _model_name(args)
-    card = _client(args).request("POST", "/v1/load_model", json={"model": name})
+    card = _admin_client(args).request("POST", "/v1/load_model", json={"model": name})
     print(f"loaded {card['id']} ({card.get('dtype')}, {card.get('load_seconds')} s)", file=sys.stderr)
     print(card["id"])
     return EXIT_OK
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
-    result = _client(args).request("POST", "/v1/unload_model", json={"model": args.name})
+    result = _admin_client(args).request("POST", "/v1/unload_model", json={"model": args.name})
     print(f"unloaded {result['id']}")
     return EXIT_OK
 
@@ -239,6 +245,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.logs import configure_logging
+    from gateway.serving import uvicorn_options
 
     settings = load_settings(args.config)
     overrides = {"host": args.host, "port": args.port, "log_format": args.log_format}
@@ -258,9 +265,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(
-        app, host=server.host, port=server.port, log_config=None, access_log=False, server_header=False
-    )
+    uvicorn.run(app, **uvicorn_options(server))
     return EXIT_OK
 
 
@@ -319,14 +324,22 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--demo", action="store_true", help="include the built-in demo models")
     pull.set_defaults(handler=cmd_pull)
 
+    def admin_options(sub: argparse.ArgumentParser) -> None:
+        client_options(sub)
+        sub.add_argument(
+            "--admin-key",
+            default=os.environ.get("PEFT_GATEWAY_ADMIN_KEY"),
+            help="admin key (one of the server's [server] admin_keys; default $PEFT_GATEWAY_ADMIN_KEY)",
+        )
+
     launch = verbs.add_parser("launch", help="preload a model on a running gateway and print its id")
-    client_options(launch)
+    admin_options(launch)
     launch.add_argument("name", help="'<base>' or '<base>+<adapter>'")
     launch.add_argument("--peft-model-id", help="adapter (Hub id, alias or folder) to merge into base NAME")
     launch.set_defaults(handler=cmd_launch)
 
     unload = verbs.add_parser("unload", help="unload a model from a running gateway")
-    client_options(unload)
+    admin_options(unload)
     unload.add_argument("name", help="a loaded '<base>' or '<base>+<adapter>'")
     unload.set_defaults(handler=cmd_unload)
 

@@ -6,6 +6,7 @@ prepends the prompt; ``logprobs`` is an integer (top alternatives) in the legacy
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -14,15 +15,23 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from engines.engine import Engine
+from engines.engine import Admitted, Engine
 from engines.generation import GenerationEvent, GenerationRequest
 from engines.pool import Lease
 from gateway.cancellation import run_while_connected
 from gateway.errors import APIError
 from gateway.protocol import CompletionRequest
-from gateway.requests import cap_tokens, check_choices, check_limits, parse_body, sampling_params
+from gateway.requests import (
+    cap_tokens,
+    check_choices,
+    check_limits,
+    check_prompt_size,
+    off_loop,
+    parse_body,
+    sampling_params,
+)
 from gateway.settings import Settings
-from gateway.streaming import chunk_writer, envelope, event_stream, run_choices, usage_dict
+from gateway.streaming import admit_all, chunk_writer, envelope, event_stream, run_choices, usage_dict
 
 
 def _prompts(body: CompletionRequest) -> list[str | list[int]]:
@@ -82,32 +91,46 @@ async def completions(request: Request) -> Response:
     check_limits(settings, body.max_tokens, "max_tokens")
     prompts = _prompts(body)
     check_choices(settings, len(prompts) * body.n, "n" if body.n > 1 else "prompt")
+    check_prompt_size(settings, sum(len(p) for p in prompts), "prompt")
     lease = await engine.acquire(body.model)
     try:
         want_logprobs = body.logprobs is not None
-        requests: list[GenerationRequest] = []
-        for prompt in prompts:
-            for choice in range(body.n):
-                generation = engine.text_request(
-                    lease,
-                    prompt,
-                    max_tokens=body.max_tokens,
-                    sampling=sampling_params(
+        request_id = getattr(request.state, "request_id", "")
+
+        def build() -> list[GenerationRequest]:
+            """Tokenize each prompt once (on a prompt worker); its choices differ only in sampling."""
+            built: list[GenerationRequest] = []
+            for prompt in prompts:
+                samplings = [
+                    sampling_params(
                         body,
                         choice=choice,
                         logprobs=want_logprobs,
                         top_logprobs=body.logprobs or 0,
                         defaults=lease.loaded.sampling_defaults,
-                    ),
+                    )
+                    for choice in range(body.n)
+                ]
+                first = engine.text_request(
+                    lease,
+                    prompt,
+                    max_tokens=body.max_tokens,
+                    sampling=samplings[0],
                     stop=body.stop_list(),
-                    request_id=getattr(request.state, "request_id", ""),
+                    request_id=request_id,
                     ignore_eos=body.ignore_eos,
                 )
-                requests.append(cap_tokens(generation, settings.server.max_tokens_limit))
+                for sampling in samplings:
+                    generation = dataclasses.replace(first, sampling=sampling)
+                    built.append(cap_tokens(generation, settings.server.max_tokens_limit))
+            return built
+
+        requests = await off_loop(request, build)
+        echoes = [_prompt_text(lease, p) if body.echo else "" for p in prompts for _ in range(body.n)]
+        admitted = admit_all(engine, lease, requests)
     except BaseException:
         lease.release()
         raise
-    echoes = [_prompt_text(lease, p) if body.echo else "" for p in prompts for _ in range(body.n)]
     prompt_tokens = sum(len(r.prompt_ids) for r in requests[:: body.n])
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -115,8 +138,7 @@ async def completions(request: Request) -> Response:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return event_stream(
             _stream(
-                engine,
-                lease,
+                admitted,
                 requests,
                 body.model,
                 completion_id,
@@ -126,14 +148,18 @@ async def completions(request: Request) -> Response:
                 prompt_tokens,
             ),
             lease,
+            admitted,
+            shutdown_grace=settings.server.shutdown_grace,
         )
     try:
         return await run_while_connected(
             request,
-            _complete(engine, lease, requests, body, completion_id, created, echoes),
+            _complete(admitted, requests, body, completion_id, created, echoes),
             timeout=settings.server.request_timeout,
         )
     finally:
+        for generation in admitted:
+            generation.cancel()
         lease.release()
 
 
@@ -144,8 +170,7 @@ def _prompt_text(lease: Lease, prompt: str | list[int]) -> str:
 
 
 async def _complete(
-    engine: Engine,
-    lease: Lease,
+    admitted: list[Admitted],
     requests: list[GenerationRequest],
     body: CompletionRequest,
     completion_id: str,
@@ -156,7 +181,7 @@ async def _complete(
     logprobs: list[dict[str, Any]] = [{} for _ in requests]
     finish: list[str | None] = [None] * len(requests)
     completion_tokens = [0] * len(requests)
-    async for index, event in run_choices(engine, lease, requests):
+    async for index, event in run_choices(admitted):
         if event.error is not None:
             raise event.error
         if body.logprobs is not None:
@@ -180,8 +205,7 @@ async def _complete(
 
 
 async def _stream(
-    engine: Engine,
-    lease: Lease,
+    admitted: list[Admitted],
     requests: list[GenerationRequest],
     model: str,
     completion_id: str,
@@ -197,7 +221,7 @@ async def _stream(
     for index, echo in enumerate(echoes):
         if echo:
             yield chunk([{"index": index, "text": echo, "logprobs": None, "finish_reason": None}])
-    async for index, event in run_choices(engine, lease, requests):
+    async for index, event in run_choices(admitted):
         if event.error is not None:
             raise event.error
         completion_tokens[index] = event.completion_tokens

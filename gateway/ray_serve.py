@@ -32,9 +32,10 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engines.catalog import Catalog
-from engines.engine import Engine, GenerationReport, ModelInfo
+from engines.engine import Admitted, Engine, GenerationReport, ModelInfo
 from engines.errors import EngineError
 from engines.generation import ChatMessage, GenerationEvent, GenerationRequest
+from engines.grammar import CompiledGrammar, Constraint, GrammarCache
 from engines.pool import Lease
 from engines.ray_replica import (
     DIRECTORY_NAME,
@@ -196,6 +197,7 @@ class ClusterEngine:
     def __post_init__(self) -> None:
         self._catalog = self.settings.catalog()
         self._engine_helpers = _PromptPreparation()
+        self._grammars = GrammarCache()
         self._facts: OrderedDict[str, ModelFacts] = OrderedDict()
         self._tokenizers: OrderedDict[str, Any] = OrderedDict()
         self.created = int(time.time())
@@ -300,6 +302,19 @@ class ClusterEngine:
 
     def text_request(self, lease: RemoteLease, prompt: str | list[int], **options: Any) -> GenerationRequest:
         return self._engine_helpers.text_request(cast(Lease, lease), prompt, **options)
+
+    async def compile_grammar(self, lease: RemoteLease, constraint: Constraint) -> CompiledGrammar:
+        """Compiled here against the model's tokenizer, so a bad schema is a 400 before anything is sent;
+        the replica compiles it again for itself (``CompiledGrammar`` travels as its constraint)."""
+        tokenizer = lease.loaded.tokenizer
+        eos = frozenset({tokenizer.eos_token_id}) if tokenizer.eos_token_id is not None else frozenset()
+        compiled: CompiledGrammar = await asyncio.to_thread(self._grammars.compile, tokenizer, constraint, eos)
+        return compiled
+
+    def admit(self, lease: RemoteLease, request: GenerationRequest) -> Admitted:
+        """The replica admits (Serve queues up to ``max_ongoing_requests``); events start on first read."""
+        events = self.generate(lease, request)
+        return Admitted(cast(Any, _ClosesStream(events)), events)
 
     async def generate(
         self, lease: RemoteLease, request: GenerationRequest
@@ -654,3 +669,14 @@ def serve_on_ray(settings: Settings, address: str) -> int:
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
     return 0
+
+
+class _ClosesStream:
+    """What ``Admitted.cancel`` calls on a cluster stream: closing it ends the replica's generation."""
+
+    def __init__(self, events: AsyncGenerator[GenerationEvent, None]) -> None:
+        self._events = events
+
+    def cancel(self) -> None:
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().create_task(self._events.aclose())

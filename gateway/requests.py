@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -16,19 +17,41 @@ from gateway.protocol import SamplingFields
 from gateway.settings import Settings
 
 Body = TypeVar("Body", bound=BaseModel)
+T = TypeVar("T")
 
 
 async def parse_body(request: Request, schema: type[Body]) -> Body:
-    """The JSON body validated against ``schema``; 400 naming the first bad field otherwise."""
+    """The JSON body validated against ``schema``; 400 naming the first bad field otherwise.
+
+    The body must be declared ``application/json``: a browser page on another site can send a
+    ``text/plain`` POST without asking first (no CORS preflight), and such a request must not act.
+    """
+    require_json(request)
     payload = await parse_json(request)
     if not isinstance(payload, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
     if isinstance(payload.get("model"), str):
         request.state.model = payload["model"]
+    messages = payload.get("messages")
+    if isinstance(messages, list):  # before validation, which itself takes time per message
+        check_message_count(request.app.state.settings, len(messages))
     try:
         return schema.model_validate(payload)
     except ValidationError as exc:
         raise from_validation(exc) from exc
+
+
+def require_json(request: Request) -> None:
+    """415 unless the request says its body is JSON (``application/json``, parameters allowed)."""
+    declared = request.headers.get("content-type", "")
+    media_type = declared.split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        shown = f"'{declared[:100]}'" if declared else "none"
+        raise APIError(
+            415,
+            f"This route takes a JSON body: send 'Content-Type: application/json' (got {shown}).",
+            code="unsupported_media_type",
+        )
 
 
 def cap_tokens(request: GenerationRequest, limit: int) -> GenerationRequest:
@@ -89,3 +112,48 @@ def check_choices(settings: Settings, count: int, param: str) -> None:
             param=param,
             code="invalid_value",
         )
+
+
+def check_message_count(settings: Settings, count: int) -> None:
+    limit = settings.server.max_messages
+    if count > limit:
+        raise APIError(
+            400,
+            f"This request has {count} messages; this gateway takes at most {limit} per request.",
+            param="messages",
+            code="too_many_messages",
+        )
+
+
+def check_prompt_size(settings: Settings, size: int, param: str) -> None:
+    """400 for prompt text beyond ``[server] max_prompt_chars`` (characters, or token ids)."""
+    limit = settings.server.max_prompt_chars
+    if size > limit:
+        raise APIError(
+            400,
+            f"The prompt text of this request is {size} characters long; this gateway takes at most {limit}.",
+            param=param,
+            code="prompt_too_large",
+        )
+
+
+async def off_loop(request: Request, work: Callable[[], T]) -> T:
+    """Run blocking prompt work (chat template, tokenization) on the prompt workers, within a deadline.
+
+    The event loop stays free for every other client meanwhile. The template sandbox stops a render at
+    ``[server] prompt_timeout`` by itself; the wait here is only the backstop for work that cannot be
+    interrupted (one long tokenizer call), whose thread is then left to finish alone.
+    """
+    settings: Settings = request.app.state.settings
+    loop = asyncio.get_running_loop()
+    future = loop.run_in_executor(request.app.state.prompt_workers, work)
+    timeout = settings.server.prompt_timeout
+    try:
+        return await asyncio.wait_for(future, timeout=timeout + 1.0)
+    except TimeoutError as exc:
+        raise APIError(
+            400,
+            f"Preparing this request's prompt took longer than {timeout:g} seconds; send a shorter prompt.",
+            param="messages",
+            code="prompt_timeout",
+        ) from exc

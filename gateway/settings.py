@@ -38,6 +38,22 @@ class ServerSettings(_Strict):
     request_timeout: float = Field(default=600.0, gt=0)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: Keys for the admin routes (load/unload adapters and models); the admin routes are off when empty.
+    admin_keys: list[str] = Field(default_factory=list)
+    #: Chat requests with more messages are refused (400) before any templating work.
+    max_messages: int = Field(default=2048, ge=1)
+    #: Characters of prompt text (all messages, or all completions prompts) a request may carry (400 above).
+    max_prompt_chars: int = Field(default=1_000_000, ge=1)
+    #: Seconds a chat template render plus tokenization may take before the request gets a 400.
+    prompt_timeout: float = Field(default=10.0, gt=0)
+    #: Seconds running streams may go on after SIGTERM before they are ended with an error frame.
+    shutdown_grace: float = Field(default=30.0, ge=0)
+    #: Seconds an idle keep-alive connection stays open.
+    keep_alive_timeout: float = Field(default=5.0, gt=0)
+    #: Seconds a client has to send a request's headers (slowloris guard).
+    header_timeout: float = Field(default=10.0, gt=0)
+    #: Open connections (plus running requests) above which new ones get 503.
+    limit_concurrency: int = Field(default=1024, ge=1)
 
 
 class ModelSettings(_Strict):

@@ -14,11 +14,11 @@ from typing import Any
 
 from starlette.responses import Response
 
-from engines.engine import Engine
+from engines.engine import Admitted, Engine
 from engines.errors import EngineError
 from engines.generation import GenerationEvent, GenerationRequest
 from engines.pool import Lease
-from gateway.errors import from_engine
+from gateway.errors import APIError, from_engine
 
 SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 DONE = "[DONE]"
@@ -29,29 +29,119 @@ def sse_data(payload: dict[str, Any]) -> str:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
 
 
-def event_stream(frames: AsyncGenerator[str, None], lease: Lease) -> Response:
+def event_stream(
+    frames: AsyncGenerator[str, None],
+    lease: Lease,
+    admitted: list[Admitted],
+    *,
+    shutdown_grace: float = 30.0,
+) -> Response:
     """An SSE response: ``data: <payload>\n\n`` per item, no-store, unbuffered by proxies.
 
     The stream always ends with ``[DONE]``; an engine error after the stream started is sent as an
     ``{"error": ...}`` frame first (the status line is long gone), and the lease is released at the end,
-    also when the client disconnects.
+    also when the client disconnects. When the server is told to stop (SIGTERM), the stream may go on for
+    ``shutdown_grace`` seconds and is then ended the same way, with an error frame and ``[DONE]``.
     """
+    import anyio
     from sse_starlette import EventSourceResponse
+    from starlette.background import BackgroundTask
 
-    return EventSourceResponse(_finished(frames, lease), headers=SSE_HEADERS, sep="\n", ping=15)
+    async def cleanup() -> None:  # async: runs on the event loop, not in a thread
+        """Also runs if the stream was torn down before its generator ever started (its ``finally``
+        would then never run): the queued sequences are dropped and the model is released."""
+        for generation in admitted:
+            generation.cancel()
+        lease.release()
+
+    shutdown = anyio.Event()
+    return EventSourceResponse(
+        _finished(frames, lease, admitted, shutdown, shutdown_grace),
+        background=BackgroundTask(cleanup),
+        headers=SSE_HEADERS,
+        sep="\n",
+        ping=15,
+        shutdown_event=shutdown,
+        # sse-starlette cuts the stream this long after shutdown starts; ours ends it cleanly before.
+        shutdown_grace_period=shutdown_grace + 5,
+    )
 
 
-async def _finished(frames: AsyncGenerator[str, None], lease: Lease) -> AsyncIterator[str]:
+class _Drained(Exception):
+    """The shutdown grace period ran out while the stream was still going."""
+
+
+async def _finished(
+    frames: AsyncGenerator[str, None],
+    lease: Lease,
+    admitted: list[Admitted],
+    shutdown: Any,
+    grace: float,
+) -> AsyncIterator[str]:
     try:
         async with contextlib.aclosing(frames):
-            async for frame in frames:
+            async for frame in _until_drained(frames, shutdown, grace):
                 yield frame
         yield DONE
     except EngineError as exc:
         yield sse_data(from_engine(exc).body())
         yield DONE
+    except _Drained:
+        error = APIError(
+            503,
+            "The server is shutting down; this stream was ended before it finished. Retry the request.",
+            code="server_shutting_down",
+        )
+        yield sse_data(error.body())
+        yield DONE
     finally:
+        for generation in admitted:
+            generation.cancel()
         lease.release()
+
+
+async def _until_drained(
+    frames: AsyncGenerator[str, None], shutdown: Any, grace: float
+) -> AsyncIterator[str]:
+    """``frames`` as they come, until ``grace`` seconds after ``shutdown`` is set (then ``_Drained``)."""
+
+    async def drain_deadline() -> None:
+        await shutdown.wait()
+        await asyncio.sleep(grace)
+
+    deadline: asyncio.Future[None] = asyncio.ensure_future(drain_deadline())
+    step: asyncio.Future[str] | None = None
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(frames))
+            waiting: set[asyncio.Future[Any]] = {step, deadline}
+            done, _pending = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if step not in done:
+                raise _Drained()
+            try:
+                frame = step.result()
+            except StopAsyncIteration:
+                return
+            yield frame
+    finally:
+        deadline.cancel()
+        if step is not None and not step.done():
+            # Stop the pending read before anyone closes ``frames`` (it cannot be closed mid-read).
+            step.cancel()
+            await asyncio.gather(step, return_exceptions=True)
+
+
+def admit_all(engine: Engine, lease: Lease, requests: list[GenerationRequest]) -> list[Admitted]:
+    """Queue every choice now, or none: ``Overloaded`` (503) comes before any status line is sent."""
+    admitted: list[Admitted] = []
+    try:
+        for request in requests:
+            admitted.append(engine.admit(lease, request))
+    except BaseException:
+        for generation in admitted:
+            generation.cancel()
+        raise
+    return admitted
 
 
 def chunk_writer(
@@ -69,28 +159,26 @@ def chunk_writer(
     return chunk
 
 
-async def run_choices(
-    engine: Engine, lease: Lease, requests: list[GenerationRequest]
-) -> AsyncIterator[tuple[int, GenerationEvent]]:
-    """Events of all choices, as they come, each tagged with its choice index."""
-    if len(requests) == 1:
-        async with contextlib.aclosing(engine.generate(lease, requests[0])) as events:
+async def run_choices(admitted: list[Admitted]) -> AsyncIterator[tuple[int, GenerationEvent]]:
+    """Events of all (already admitted) choices, as they come, each tagged with its choice index."""
+    if len(admitted) == 1:
+        async with contextlib.aclosing(admitted[0].events) as events:
             async for event in events:
                 yield 0, event
         return
     queue: asyncio.Queue[tuple[int, GenerationEvent | BaseException]] = asyncio.Queue()
 
-    async def pump(index: int, request: GenerationRequest) -> None:
+    async def pump(index: int, generation: Admitted) -> None:
         try:
-            async with contextlib.aclosing(engine.generate(lease, request)) as events:
+            async with contextlib.aclosing(generation.events) as events:
                 async for event in events:
                     await queue.put((index, event))
         except Exception as exc:  # surfaced to the consumer below
             await queue.put((index, exc))
 
-    tasks = [asyncio.create_task(pump(i, request)) for i, request in enumerate(requests)]
+    tasks = [asyncio.create_task(pump(i, generation)) for i, generation in enumerate(admitted)]
     try:
-        remaining = len(requests)
+        remaining = len(admitted)
         while remaining:
             index, item = await queue.get()
             if isinstance(item, BaseException):
@@ -102,6 +190,8 @@ async def run_choices(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for generation in admitted:
+            generation.cancel()
 
 
 def envelope(

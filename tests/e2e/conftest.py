@@ -4,8 +4,12 @@ from typing import Any
 
 import pytest
 
-from gateway.settings import AdapterSettings, ModelSettings, Settings
+from gateway.settings import AdapterSettings, ModelSettings, ServerSettings, Settings
 from tests.conftest import RunningServer, TinyModels
+
+#: The admin key every test server accepts for the admin routes (load/unload adapters and models).
+ADMIN_KEY = "sk-test-admin"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def tiny_settings(models: TinyModels, **overrides: Any) -> Settings:
@@ -18,7 +22,7 @@ def tiny_settings(models: TinyModels, **overrides: Any) -> Settings:
         },
         adapters={"tiny-lora": AdapterSettings(source=str(models.adapter), base="tiny")},
         adapter_dirs=[models.adapter_dirs],
-        **overrides,
+        **{"server": ServerSettings(admin_keys=[ADMIN_KEY]), **overrides},
     )
 
 

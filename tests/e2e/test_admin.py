@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from tests.conftest import RunningServer, TinyModels
-from tests.e2e.conftest import tiny_settings
+from tests.e2e.conftest import ADMIN, tiny_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +27,10 @@ def server(start_server: Any, tiny_models: TinyModels) -> RunningServer:
 
 def test_load_lora_adapter_registers_and_preloads(server: RunningServer, tiny_models: TinyModels) -> None:
     response = httpx.post(
-        f"{server.v1}/load_lora_adapter", json={"lora_name": "runtime", "lora_path": "tiny-lora"}, timeout=60
+        f"{server.v1}/load_lora_adapter",
+        json={"lora_name": "runtime", "lora_path": "tiny-lora"},
+        timeout=60,
+        headers=ADMIN,
     )
     assert response.status_code == 200, response.text
     assert response.json()["id"] == "tiny+runtime"
@@ -43,27 +46,38 @@ def test_load_refused_adapter_leaves_no_alias(server: RunningServer) -> None:
         f"{server.v1}/load_lora_adapter",
         json={"lora_name": "bad", "lora_path": "other-base-lora"},
         timeout=60,
+        headers=ADMIN,
     )
     assert response.status_code == 400
     ids = {m["id"] for m in httpx.get(f"{server.v1}/models", timeout=10).json()["data"]}
     assert "tiny+bad" not in ids
     outside = httpx.post(
-        f"{server.v1}/load_lora_adapter", json={"lora_name": "evil", "lora_path": "/etc"}, timeout=60
+        f"{server.v1}/load_lora_adapter",
+        json={"lora_name": "evil", "lora_path": "/etc"},
+        timeout=60,
+        headers=ADMIN,
     )
     assert outside.status_code == 400
 
 
 def test_unload_lora_adapter_removes_alias(server: RunningServer) -> None:
     httpx.post(
-        f"{server.v1}/load_lora_adapter", json={"lora_name": "temp", "lora_path": "tiny-lora"}, timeout=60
+        f"{server.v1}/load_lora_adapter",
+        json={"lora_name": "temp", "lora_path": "tiny-lora"},
+        timeout=60,
+        headers=ADMIN,
     )
-    response = httpx.post(f"{server.v1}/unload_lora_adapter", json={"lora_name": "temp"}, timeout=10)
+    response = httpx.post(
+        f"{server.v1}/unload_lora_adapter", json={"lora_name": "temp"}, timeout=10, headers=ADMIN
+    )
     assert response.status_code == 200 and response.json()["unloaded"] is True
     missing = httpx.post(
         f"{server.v1}/chat/completions", json={"model": "tiny+temp", "messages": HELLO}, timeout=10
     )
     assert missing.status_code == 404
-    again = httpx.post(f"{server.v1}/unload_lora_adapter", json={"lora_name": "temp"}, timeout=10)
+    again = httpx.post(
+        f"{server.v1}/unload_lora_adapter", json={"lora_name": "temp"}, timeout=10, headers=ADMIN
+    )
     assert again.status_code == 404
 
 

@@ -385,6 +385,8 @@ def test_regressions(http: httpx.Client, path: str, raw: str, param: str | None,
 
 
 def test_an_empty_unknown_key_is_named_in_the_message(http: httpx.Client) -> None:
-    response = http.post(CHAT, content=_with(HI, **{"": 1}).encode())
+    response = http.post(
+        CHAT, content=_with(HI, **{"": 1}).encode(), headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400
     assert response.json()["error"]["message"] == "Unrecognized request argument supplied: ''"

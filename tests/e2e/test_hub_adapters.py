@@ -16,7 +16,7 @@ import pytest
 
 from gateway.settings import HubSettings
 from tests.conftest import RunningServer, TinyModels
-from tests.e2e.conftest import tiny_settings
+from tests.e2e.conftest import ADMIN, tiny_settings
 from tests.hub_server import HubServer, use_hub_server
 
 pytestmark = pytest.mark.e2e
@@ -58,7 +58,7 @@ def chat(gateway: RunningServer, model: str) -> httpx.Response:
 
 
 def unload(gateway: RunningServer, model: str) -> None:
-    httpx.post(f"{gateway.v1}/unload_model", json={"model": model}, timeout=10)
+    httpx.post(f"{gateway.v1}/unload_model", json={"model": model}, timeout=10, headers=ADMIN)
 
 
 def test_hub_adapter_downloads_only_adapter_files_into_the_hf_cache(

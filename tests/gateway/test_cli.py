@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import RunningServer, TinyModels, free_port
-from tests.e2e.conftest import tiny_settings
+from tests.e2e.conftest import ADMIN_KEY, tiny_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -28,7 +28,7 @@ def cli(
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "PEFT_GATEWAY_ADMIN_KEY": ADMIN_KEY, **(env or {})},
     )
 
 
@@ -207,3 +207,13 @@ def test_pull_downloads_an_adapter_into_the_hf_cache(tmp_path: Path, tiny_models
             and "does not exist" in missing.stderr
             and "Traceback" not in missing.stderr
         )
+
+
+def test_launch_sends_the_admin_key_and_says_why_without_one(server: RunningServer) -> None:
+    without = cli("launch", "tiny", "--url", server.url, env={"PEFT_GATEWAY_ADMIN_KEY": ""})
+    assert without.returncode == 1 and "401" in without.stderr and "admin key" in without.stderr
+    flag = cli(
+        "launch", "tiny", "--url", server.url, "--admin-key", ADMIN_KEY, env={"PEFT_GATEWAY_ADMIN_KEY": ""}
+    )
+    assert flag.returncode == 0, flag.stderr
+    assert cli("unload", "tiny", "--url", server.url, "--admin-key", "wrong").returncode == 1
