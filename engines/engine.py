@@ -212,7 +212,9 @@ class Engine:
         stop: tuple[str, ...] = (),
         request_id: str = "",
         ignore_eos: bool = False,
+        prompt_logprobs: int | None = None,
     ) -> GenerationRequest:
+        """A text prompt (or token ids) to continue; ``prompt_logprobs`` scores the prompt's own tokens."""
         ids = (
             list(prompt)
             if isinstance(prompt, list)
@@ -222,7 +224,7 @@ class Engine:
         if any(not 0 <= token < vocab for token in ids):
             raise InvalidGenerationRequest(f"Prompt token ids must be in [0, {vocab}).", param="prompt")
         request = self._request(lease, ids, max_tokens, sampling, stop, request_id, "prompt")
-        return dataclasses.replace(request, ignore_eos=ignore_eos) if ignore_eos else request
+        return dataclasses.replace(request, ignore_eos=ignore_eos, prompt_logprobs=prompt_logprobs)
 
     def _request(
         self,

@@ -226,7 +226,8 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    # 0 with ``echo`` + ``logprobs`` scores the prompt without generating (lm-eval's loglikelihood).
+    max_tokens: int | None = Field(default=16, ge=0)
     echo: bool = False
     suffix: str | None = None
     logprobs: int | None = Field(default=None, ge=0, le=5)
