@@ -247,8 +247,10 @@ class Engine:
         if not prompt:
             raise InvalidGenerationRequest("The prompt is empty.", param=param)
         room = context - len(prompt)
-        if room <= 0 or (max_tokens is not None and max_tokens > room):
-            requested = max_tokens if max_tokens is not None else 1
+        # At least one new token unless the caller asked for none (``max_tokens: 0`` scores a prompt
+        # that may fill the whole context).
+        requested = max_tokens if max_tokens is not None else 1
+        if len(prompt) + requested > context:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {context} tokens. However, you requested "
                 f"{len(prompt) + requested} tokens ({len(prompt)} in the {param}, {requested} for the "

@@ -122,3 +122,13 @@ def test_scored_chunks_bound_the_logits_held_at_once() -> None:
     assert scored_chunk_tokens(150_000, 512) * 150_000 * 4 <= 64 * 2**20
     assert scored_chunk_tokens(300, 512) == 512
     assert scored_chunk_tokens(10**9, 512) == 1
+
+
+def test_a_prompt_filling_the_context_can_be_scored_but_not_continued(engine: Engine) -> None:
+    from engines.errors import ContextLengthExceeded
+
+    full = [65 + i % 26 for i in range(256)]
+    events = asyncio.run(score(engine, "tiny", full, prompt_logprobs=0))
+    assert events[0].prompt_logprobs is not None and len(events[0].prompt_logprobs.scored) == 255
+    with pytest.raises(ContextLengthExceeded):
+        asyncio.run(score(engine, "tiny", full, max_tokens=1))
