@@ -274,7 +274,9 @@ class Engine:
         stop: tuple[str, ...] = (),
         request_id: str = "",
         ignore_eos: bool = False,
+        prompt_logprobs: int | None = None,
     ) -> GenerationRequest:
+        """A text prompt (or token ids) to continue; ``prompt_logprobs`` scores the prompt's own tokens."""
         ids = (
             list(prompt)
             if isinstance(prompt, list)
@@ -284,7 +286,7 @@ class Engine:
         if any(not 0 <= token < vocab for token in ids):
             raise InvalidGenerationRequest(f"Prompt token ids must be in [0, {vocab}).", param="prompt")
         request = self._request(lease, ids, max_tokens, sampling, stop, request_id, "prompt")
-        return dataclasses.replace(request, ignore_eos=ignore_eos) if ignore_eos else request
+        return dataclasses.replace(request, ignore_eos=ignore_eos, prompt_logprobs=prompt_logprobs)
 
     def _request(
         self,
@@ -307,8 +309,10 @@ class Engine:
         if not prompt:
             raise InvalidGenerationRequest("The prompt is empty.", param=param)
         room = context - len(prompt)
-        if room <= 0 or (max_tokens is not None and max_tokens > room):
-            requested = max_tokens if max_tokens is not None else 1
+        # At least one new token unless the caller asked for none (``max_tokens: 0`` scores a prompt
+        # that may fill the whole context).
+        requested = max_tokens if max_tokens is not None else 1
+        if len(prompt) + requested > context:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {context} tokens. However, you requested "
                 f"{len(prompt) + requested} tokens ({len(prompt)} in the {param}, {requested} for the "

@@ -34,6 +34,9 @@ class GenerationRequest:
     request_id: str = ""
     #: Constrained decoding (``Engine.compile_grammar``): every token of the output must fit it.
     grammar: CompiledGrammar | None = None
+    #: Score the prompt's own tokens too, with this many top alternatives each (``echo`` + ``logprobs``).
+    #: ``None`` skips it: scoring needs every position's logits, not just the last one's.
+    prompt_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,18 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's own tokens as the model scores them (raw log-softmax, no sampling transforms).
+
+    The first token has nothing before it to be predicted from, so it has text but no logprob;
+    ``scored[i]`` is prompt token ``i + 1`` given the tokens before it.
+    """
+
+    first_token: str
+    scored: tuple[TokenLogprob, ...]
+
+
+@dataclass(frozen=True)
 class GenerationEvent:
     """A step of output: new text (maybe empty while bytes complete), and at the end a finish reason."""
 
@@ -56,6 +71,8 @@ class GenerationEvent:
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: str | None = None
     error: EngineError | None = None
+    #: Set once, on the event sent when the prompt is done, for requests with ``prompt_logprobs``.
+    prompt_logprobs: PromptLogprobs | None = None
 
     @property
     def done(self) -> bool:

@@ -33,6 +33,7 @@ from engines.lean_decode import LeanDecoder
 from engines.loader import LoadedModel
 from engines.memory import MemoryBudget, MemoryBudgets, mib
 from engines.prefix_cache import PrefixCache, cache_from_prefix
+from engines.prompt_logprobs import score_rows, scored_chunk_tokens
 from engines.sequence import Sequence
 
 log = logging.getLogger("peft_gateway.scheduler")
@@ -273,6 +274,11 @@ class Scheduler:
             if sequence.logits is not None:  # prompt done: first token, then join the batch
                 self._prefilling.popleft()
                 try:
+                    if sequence.request.prompt_logprobs is not None:
+                        sequence.emit_prompt_logprobs()
+                    if sequence.request.max_tokens <= 0:
+                        sequence.finish_without_generating()
+                        continue
                     sequence.step()
                     if not sequence.finished:
                         self._join(sequence)
@@ -287,21 +293,31 @@ class Scheduler:
         model = sequence.model.model
         prompt = sequence.request.prompt_ids
         prefixes = self._prefix_cache(sequence.model)
+        scored = sequence.request.prompt_logprobs is not None
         if sequence.cache is None:
-            reused, layers = prefixes.lookup(prompt) if prefixes is not None else (0, None)
+            # A scored prompt needs every position's logits, which a cached prefix no longer has.
+            reused, layers = prefixes.lookup(prompt) if prefixes is not None and not scored else (0, None)
             sequence.cache = cache_from_prefix(layers, reused) if layers is not None else DynamicCache()
             sequence.prefilled = reused
-        chunk = prompt[sequence.prefilled : sequence.prefilled + budget]
+        if scored:
+            budget = scored_chunk_tokens(int(model.config.get_text_config().vocab_size), budget)
+        start = sequence.prefilled
+        chunk = prompt[start : start + budget]
         device = sequence.model.device
         ids = torch.tensor([chunk], dtype=torch.long, device=device)
         # The last position as an index tensor, not ``logits_to_keep=1``: that slice keeps the prompt's
         # stride, so torch's matmul cannot fold it into one matrix product with weights that do not
         # require grad and copies the whole transposed lm_head instead (+40% on a bf16 prefill).
-        last = torch.tensor([len(chunk) - 1], device=device)
+        # A scored prompt keeps all positions (``0``).
+        last = 0 if scored else torch.tensor([len(chunk) - 1], device=device)
         with adapter_rows([sequence]):
             output = model(
                 input_ids=ids, use_cache=True, logits_to_keep=last, **{cache_kwarg(model): sequence.cache}
             )
+        if scored:
+            targets = list(prompt[start + 1 : start + len(chunk) + 1])
+            top = sequence.request.prompt_logprobs or 0
+            sequence.add_prompt_scores(score_rows(output.logits[0], targets, top), start + 1)
         sequence.prefilled += len(chunk)
         self.stats.prefill_tokens += len(chunk)
         if sequence.prefilled >= len(prompt):

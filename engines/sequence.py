@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engines.detokenize import IncrementalDecoder, StopStringFilter
-from engines.generation import GenerationEvent, GenerationRequest, TokenLogprob
+from engines.generation import GenerationEvent, GenerationRequest, PromptLogprobs, TokenLogprob
 from engines.loader import LoadedModel
 from engines.prompts import token_bytes
 from engines.sampling import Sampler, TokenChoice
@@ -31,6 +31,8 @@ class Sequence:
         self.logits: Any = None
         self.generated: list[int] = []
         self.finished = False
+        #: The prompt's scored tokens so far (``request.prompt_logprobs``), filled chunk by chunk.
+        self.prompt_scores: list[TokenLogprob] = []
         self._cancelled = threading.Event()
         self._sampler = Sampler(request.sampling, device=model.device)
         self._decoder = IncrementalDecoder(model.tokenizer)
@@ -92,6 +94,32 @@ class Sequence:
                     logprobs=logprobs,
                 )
             )
+
+    def add_prompt_scores(self, scores: list[tuple[float, list[tuple[int, float]]]], start: int) -> None:
+        """Record the scores of prompt tokens ``start, start + 1, ...`` (each given those before it)."""
+        tokenizer = self.model.tokenizer
+        prompt = self.request.prompt_ids
+        for offset, (logprob, best) in enumerate(scores):
+            text, raw = token_bytes(tokenizer, prompt[start + offset])
+            top = tuple((*token_bytes(tokenizer, tid), lp) for tid, lp in best)
+            self.prompt_scores.append(TokenLogprob(token=text, bytes=raw, logprob=logprob, top=top))
+
+    def emit_prompt_logprobs(self) -> None:
+        """Send the prompt's scores as one event, before any generated token."""
+        first, _raw = token_bytes(self.model.tokenizer, self.request.prompt_ids[0])
+        self.emit(
+            GenerationEvent(
+                text="",
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=0,
+                prompt_logprobs=PromptLogprobs(first_token=first, scored=tuple(self.prompt_scores)),
+            )
+        )
+
+    def finish_without_generating(self) -> None:
+        """``max_tokens: 0``: the prompt was all that was asked for (scored, or just counted)."""
+        self.logits = None
+        self._finish("length", flush=False)
 
     def _finish(
         self,

@@ -28,6 +28,7 @@ from gateway.metrics import GatewayMetrics, metrics_endpoint
 from gateway.middleware import ApiKeyAuth, BodySizeLimit, RequestContext
 from gateway.models import get_model, list_models
 from gateway.playground import playground
+from gateway.responses import create_response
 from gateway.settings import Settings
 
 log = logging.getLogger("peft_gateway.app")
@@ -164,6 +165,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = local_engine)
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/responses", create_response, methods=["POST"]),
         Route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"]),
         Route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"]),
         Route("/v1/load_model", load_model, methods=["POST"]),

@@ -1,7 +1,8 @@
 """``POST /v1/completions``: the legacy text-completion API, streaming and not.
 
 A list of prompts gives ``len(prompts) * n`` choices, indexed prompt-major as OpenAI does; ``echo``
-prepends the prompt; ``logprobs`` is an integer (top alternatives) in the legacy shape.
+prepends the prompt; ``logprobs`` is an integer (top alternatives) in the legacy shape, and with ``echo``
+covers the prompt's own tokens too (the first one ``null``), as lm-eval's loglikelihood requests need.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from engines.engine import Admitted, Engine
-from engines.generation import GenerationEvent, GenerationRequest
+from engines.generation import GenerationEvent, GenerationRequest, PromptLogprobs
 from engines.pool import Lease
 from gateway.cancellation import run_while_connected
 from gateway.errors import APIError
@@ -57,14 +58,6 @@ def refuse_unsupported(body: CompletionRequest) -> None:
         raise APIError(
             400, "'best_of' other than 'n' is not supported.", param="best_of", code="unsupported_parameter"
         )
-    if body.echo and body.logprobs is not None:
-        # OpenAI's answer would carry the prompt's own token logprobs too; these would silently lack them.
-        raise APIError(
-            400,
-            "'echo' with 'logprobs' (prompt logprobs) is not supported.",
-            param="echo",
-            code="unsupported_parameter",
-        )
 
 
 def _legacy_logprobs(event: GenerationEvent, offset: int) -> dict[str, Any]:
@@ -76,6 +69,21 @@ def _legacy_logprobs(event: GenerationEvent, offset: int) -> dict[str, Any]:
         offsets.append(offset)
         offset += len(entry.token)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _legacy_prompt_logprobs(scores: PromptLogprobs) -> dict[str, Any]:
+    """The echoed prompt's part of the legacy logprobs: its first token has no logprob (``null``)."""
+    tokens = [scores.first_token, *(entry.token for entry in scores.scored)]
+    offsets, offset = [], 0
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [None, *(entry.logprob for entry in scores.scored)],
+        "top_logprobs": [None, *({t: lp for t, _raw, lp in entry.top} for entry in scores.scored)],
+        "text_offset": offsets,
+    }
 
 
 def _merge_logprobs(into: dict[str, Any], more: dict[str, Any]) -> None:
@@ -119,6 +127,7 @@ async def completions(request: Request) -> Response:
                     stop=body.stop_list(),
                     request_id=request_id,
                     ignore_eos=body.ignore_eos,
+                    prompt_logprobs=body.logprobs if body.echo else None,
                 )
                 for sampling in samplings:
                     generation = dataclasses.replace(first, sampling=sampling)
@@ -184,6 +193,8 @@ async def _complete(
     async for index, event in run_choices(admitted):
         if event.error is not None:
             raise event.error
+        if event.prompt_logprobs is not None:
+            _merge_logprobs(logprobs[index], _legacy_prompt_logprobs(event.prompt_logprobs))
         if body.logprobs is not None:
             _merge_logprobs(logprobs[index], _legacy_logprobs(event, len(texts[index])))
         texts[index] += event.text
@@ -216,14 +227,20 @@ async def _stream(
 ) -> AsyncGenerator[str, None]:
     chunk = chunk_writer("text_completion", completion_id, created, model, include_usage)
     want_logprobs = requests[0].sampling.logprobs
+    scored = requests[0].prompt_logprobs is not None
     completion_tokens = [0] * len(requests)
     offsets = [len(echo) for echo in echoes]
     for index, echo in enumerate(echoes):
-        if echo:
+        if echo and not scored:  # a scored echo waits for its logprobs (the prefill's first event)
             yield chunk([{"index": index, "text": echo, "logprobs": None, "finish_reason": None}])
     async for index, event in run_choices(admitted):
         if event.error is not None:
             raise event.error
+        if event.prompt_logprobs is not None:
+            prompt_part = _legacy_prompt_logprobs(event.prompt_logprobs)
+            yield chunk(
+                [{"index": index, "text": echoes[index], "logprobs": prompt_part, "finish_reason": None}]
+            )
         completion_tokens[index] = event.completion_tokens
         if event.text or event.logprobs or event.finish_reason:
             logprobs = _legacy_logprobs(event, offsets[index]) if want_logprobs else None

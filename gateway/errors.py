@@ -111,7 +111,7 @@ def param_from_loc(loc: tuple[int | str, ...]) -> str | None:
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part.startswith(("function-", "json-or-python", "str", "list[")) or part in {
+        elif part.startswith(("function-", "json-or-python", "str", "list[", "part:", "item:")) or part in {
             "constrained-str",
             "literal",
         }:

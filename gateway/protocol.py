@@ -7,10 +7,12 @@ parameter took effect when it did not.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP = 4
 _TOKEN_ID = re.compile(r"-?[0-9]{1,19}")
@@ -28,6 +30,15 @@ class FieldError(ValueError):
         super().__init__(message)
         self.param = param
         self.code = code
+
+
+def system_fingerprint(model: str) -> str:
+    """OpenAI's ``system_fingerprint``: a short, stable hash of the model name (base, adapter, revision).
+
+    OpenAI's schema types it as a string; ``null`` failed schema checks. The same name gives the same
+    fingerprint, so a client can tell answers of different models or adapters apart.
+    """
+    return "fp_" + hashlib.sha256(model.encode("utf-8")).hexdigest()[:10]
 
 
 class _Request(BaseModel):
@@ -56,9 +67,53 @@ class TextPart(_Request):
     text: str
 
 
+#: Content part types OpenAI defines that these text-only models cannot take, and how to name them.
+UNSUPPORTED_PARTS = {
+    "image_url": "image inputs",
+    "input_image": "image inputs",
+    "input_audio": "audio inputs",
+    "file": "file inputs",
+    "input_file": "file inputs",
+}
+
+
+class UnsupportedPart(BaseModel):
+    """An image, audio or file part: refused by what it is, rather than "Input should be a valid string"."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse(cls, data: Any) -> Any:
+        kind = UNSUPPORTED_PARTS.get(str(data.get("type")) if isinstance(data, dict) else "", "these inputs")
+        raise PydanticCustomError(
+            "unsupported_content", "{kind} are not supported by this model", {"kind": kind}
+        )
+
+
+def _part_tag(value: Any) -> str:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    return "part:unsupported" if kind in UNSUPPORTED_PARTS else "part:text"
+
+
+def _content_tag(value: Any) -> str:
+    return "list[parts]" if isinstance(value, list) else "str"
+
+
+# The tags make pydantic validate only the branch the value's shape picks, so errors name the real
+# problem (an extra key in a text part, an image part) instead of "Input should be a valid string" from
+# the string branch; ``gateway.errors.param_from_loc`` leaves the tags out of ``param``.
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("part:text")] | Annotated[UnsupportedPart, Tag("part:unsupported")],
+    Discriminator(_part_tag),
+]
+MessageContent = Annotated[
+    Annotated[str, Tag("str")] | Annotated[list[ContentPart], Tag("list[parts]")],
+    Discriminator(_content_tag),
+]
+
+
 class ChatMessageIn(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: MessageContent | None = None
     name: str | None = Field(default=None, max_length=256)
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
@@ -69,7 +124,7 @@ class ChatMessageIn(_Request):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessageIn:
@@ -197,7 +252,8 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
+    # 0 with ``echo`` + ``logprobs`` scores the prompt without generating (lm-eval's loglikelihood).
+    max_tokens: int | None = Field(default=16, ge=0)
     echo: bool = False
     suffix: str | None = None
     logprobs: int | None = Field(default=None, ge=0, le=5)

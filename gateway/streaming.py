@@ -19,6 +19,7 @@ from engines.errors import EngineError
 from engines.generation import GenerationEvent, GenerationRequest
 from engines.pool import Lease
 from gateway.errors import APIError, from_engine
+from gateway.protocol import system_fingerprint
 
 SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 DONE = "[DONE]"
@@ -203,7 +204,7 @@ def envelope(
         "object": kind,
         "created": created,
         "model": model,
-        "system_fingerprint": None,
+        "system_fingerprint": system_fingerprint(model),
         "choices": choices,
         **extra,
     }

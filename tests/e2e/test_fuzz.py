@@ -354,8 +354,6 @@ def _spliced(base: dict[str, Any], fragment: str) -> str:
         # More sequences than the engine can ever hold was a 503 that no retry could cure.
         (TEXT, _with(PROMPT_HI, prompt=["x"] * 81, max_tokens=1), "prompt", None),
         (TEXT, _with(PROMPT_HI, prompt=["x"] * 6, max_tokens=1, n=16), "n", None),
-        # Echoed prompts would have come back without their logprobs, silently.
-        (TEXT, _with(PROMPT_HI, echo=True, logprobs=1), "echo", "unsupported_parameter"),
         # Known OpenAI fields are refused by name, not as "unrecognized".
         (CHAT, _with(HI, functions=[{"name": "f"}]), "functions", "unsupported_parameter"),
         (CHAT, _with(HI, function_call={"name": "f"}), "function_call", "unsupported_parameter"),
