@@ -72,6 +72,27 @@ class GenerationReport:
     seconds: float
     finish_reason: str | None
 
+    @classmethod
+    def of(
+        cls,
+        model: str,
+        request: GenerationRequest,
+        last: GenerationEvent | None,
+        first: float | None,
+        started: float,
+    ) -> GenerationReport:
+        """The report of a sequence whose last event was ``last``, started at ``started`` (perf_counter)."""
+        return cls(
+            model=model,
+            request_id=request.request_id,
+            prompt_tokens=len(request.prompt_ids),
+            completion_tokens=last.completion_tokens if last else 0,
+            time_to_first_token=first,
+            seconds=time.perf_counter() - started,
+            finish_reason=(last.finish_reason if last else None)
+            or ("error" if last and last.error else None),
+        )
+
 
 @dataclass(frozen=True)
 class EngineLimits:
@@ -262,7 +283,9 @@ class Engine:
         serving every other stream meanwhile. An invalid or unenforceable grammar raises a 400.
         """
         loaded = lease.loaded
-        return await asyncio.to_thread(self.grammars.compile, loaded.tokenizer, constraint, loaded.eos_token_ids)
+        return await asyncio.to_thread(
+            self.grammars.compile, loaded.tokenizer, constraint, loaded.eos_token_ids
+        )
 
     def text_request(
         self,
@@ -397,16 +420,7 @@ class Engine:
                     return
         finally:
             sequence.cancel()
-            report = GenerationReport(
-                model=lease.model_id,
-                request_id=request.request_id,
-                prompt_tokens=len(request.prompt_ids),
-                completion_tokens=last.completion_tokens if last else 0,
-                time_to_first_token=first,
-                seconds=time.perf_counter() - started,
-                finish_reason=(last.finish_reason if last else None)
-                or ("error" if last and last.error else None),
-            )
+            report = GenerationReport.of(lease.model_id, request, last, first, started)
             for reporter in self.reporters:
                 reporter(report)
 

@@ -308,7 +308,9 @@ class ClusterEngine:
         the replica compiles it again for itself (``CompiledGrammar`` travels as its constraint)."""
         tokenizer = lease.loaded.tokenizer
         eos = frozenset({tokenizer.eos_token_id}) if tokenizer.eos_token_id is not None else frozenset()
-        compiled: CompiledGrammar = await asyncio.to_thread(self._grammars.compile, tokenizer, constraint, eos)
+        compiled: CompiledGrammar = await asyncio.to_thread(
+            self._grammars.compile, tokenizer, constraint, eos
+        )
         return compiled
 
     def admit(self, lease: RemoteLease, request: GenerationRequest) -> Admitted:
@@ -365,16 +367,7 @@ class ClusterEngine:
                 log.warning("replica lost before the first event (%s); sending the request again", failure)
                 await asyncio.sleep(RETRY_PAUSE_SECONDS)
         finally:
-            report = GenerationReport(
-                model=lease.model_id,
-                request_id=request.request_id,
-                prompt_tokens=len(request.prompt_ids),
-                completion_tokens=last.completion_tokens if last else 0,
-                time_to_first_token=first,
-                seconds=time.perf_counter() - started,
-                finish_reason=(last.finish_reason if last else None)
-                or ("error" if last and last.error else None),
-            )
+            report = GenerationReport.of(lease.model_id, request, last, first, started)
             for reporter in self.reporters:
                 reporter(report)
 
