@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
 from pydantic_core import PydanticCustomError
 
-from gateway.protocol import UNSUPPORTED_PARTS, UnsupportedPart, _Request
+from gateway.protocol import UnsupportedPart, _content_tag, _part_tag, _Request
 
 #: Input item types this gateway maps onto chat messages; any other type is refused by name.
 ITEM_TYPES = ("message", "function_call", "function_call_output")
@@ -28,15 +28,6 @@ class InputText(_Request):
     annotations: list[Any] | None = None
     logprobs: list[Any] | None = None
     prompt_cache_breakpoint: dict[str, Any] | None = None
-
-
-def _part_tag(value: Any) -> str:
-    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return "part:unsupported" if kind in UNSUPPORTED_PARTS else "part:text"
-
-
-def _content_tag(value: Any) -> str:
-    return "list[parts]" if isinstance(value, list) else "str"
 
 
 InputPart = Annotated[
