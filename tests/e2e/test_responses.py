@@ -152,8 +152,38 @@ def test_flat_function_tools_reach_the_chat_template(tools_server: RunningServer
     assert with_tools.tools[0].type == "function" and with_tools.tools[0].name == "get_weather"
 
 
-# What the chat path refuses today (until constrained decoding and forced tool calls land there), the
-# Responses path refuses with the same 400, under its own field name. When chat accepts these, flip them.
+# Forced tool calls and schema formats reach the chat path's constrained decoding under the Responses
+# names: a forced call comes back as a function_call item, a json_schema format as JSON text.
+@pytest.mark.parametrize(
+    "tool_choice", ["required", {"type": "function", "name": "get_weather"}], ids=["required", "named"]
+)
+def test_a_forced_tool_choice_yields_a_function_call_item(
+    tools_server: RunningServer, tool_choice: Any
+) -> None:
+    response = post(
+        tools_server, model="with-tools", max_output_tokens=200, tools=[WEATHER], tool_choice=tool_choice
+    )
+    assert response.status_code == 200, response.text
+    calls = [item for item in response.json()["output"] if item["type"] == "function_call"]
+    assert calls and all(call["name"] == "get_weather" for call in calls)
+    assert all(isinstance(json.loads(call["arguments"]), dict) for call in calls)
+    if isinstance(tool_choice, dict):  # a named function is called exactly once
+        assert len(calls) == 1
+
+
+def test_a_json_schema_text_format_yields_json_that_validates(tools_server: RunningServer) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 8}},
+        "required": ["city"],
+    }
+    text = {"format": {"type": "json_schema", "name": "w", "schema": schema, "strict": True}}
+    response = post(tools_server, model="with-tools", max_output_tokens=64, text=text)
+    assert response.status_code == 200, response.text
+    message = next(item for item in response.json()["output"] if item["type"] == "message")
+    assert isinstance(json.loads(message["content"][0]["text"])["city"], str)
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
