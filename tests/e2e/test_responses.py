@@ -187,33 +187,6 @@ def test_a_json_schema_text_format_yields_json_that_validates(tools_server: Runn
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
-        ({"tools": [WEATHER], "tool_choice": "required"}, "tool_choice"),
-        ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "get_weather"}}, "tool_choice"),
-        (
-            {
-                "text": {
-                    "format": {
-                        "type": "json_schema",
-                        "name": "w",
-                        "schema": {"type": "object"},
-                        "strict": True,
-                    }
-                }
-            },
-            "text.format",
-        ),
-    ],
-)
-def test_what_chat_refuses_is_refused_under_the_responses_name(
-    tools_server: RunningServer, fields: dict[str, Any], param: str
-) -> None:
-    response = post(tools_server, model="with-tools", max_output_tokens=2, **fields)
-    assert_openai_error(response, 400, param)
-
-
-@pytest.mark.parametrize(
-    ("fields", "param"),
-    [
         ({"previous_response_id": "resp_123"}, "previous_response_id"),
         ({"store": True}, "store"),
         ({"conversation": "conv_1"}, "conversation"),
