@@ -33,10 +33,33 @@ async def answer(engine: object, model: str) -> str:
         lease.release()
 
 
+async def run_bursts(
+    engine: object, models: list[str], expected: dict[str, str], bursts: int, size: int
+) -> tuple[dict[str, int], list[float]]:
+    """Bursts of ``size`` simultaneous requests; counts of served, refused and wrong, and RSS samples."""
+    from engines.errors import Overloaded
+
+    counts = {"served": 0, "refused": 0, "wrong": 0}
+    rss = [rss_mib()]
+    for burst in range(bursts):
+        jobs = [models[(burst * 3 + k) % len(models)] for k in range(size)]
+        replies = await asyncio.gather(*(answer(engine, m) for m in jobs), return_exceptions=True)
+        for model, reply in zip(jobs, replies, strict=True):
+            if isinstance(reply, Overloaded):
+                counts["refused"] += 1
+            elif isinstance(reply, BaseException):
+                raise reply
+            else:
+                counts["served" if reply == expected[model] else "wrong"] += 1
+        if burst == bursts // 10:
+            rss.append(rss_mib())  # after warm-up
+    rss.append(rss_mib())
+    return counts, rss
+
+
 def main() -> None:
     from engines.catalog import AdapterPolicy, BaseSpec, Catalog
     from engines.engine import Engine, EngineLimits
-    from engines.errors import Overloaded
     from engines.tiny import save_tiny_adapter, save_tiny_base
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -60,27 +83,7 @@ def main() -> None:
         expected = {model: asyncio.run(answer(roomy, model)) for model in models}
         roomy.close()
         tight = Engine(catalog, EngineLimits(max_models=3, prefix_cache_bytes=0))
-        counts = {"served": 0, "refused": 0, "wrong": 0}
-        rss = [rss_mib()]
-
-        async def bursts(
-            engine: Engine = tight, counts: dict[str, int] = counts, rss: list[float] = rss
-        ) -> None:
-            for burst in range(args.bursts):
-                jobs = [models[(burst * 3 + k) % len(models)] for k in range(args.burst_size)]
-                replies = await asyncio.gather(*(answer(engine, m) for m in jobs), return_exceptions=True)
-                for model, reply in zip(jobs, replies, strict=True):
-                    if isinstance(reply, Overloaded):
-                        counts["refused"] += 1
-                    elif isinstance(reply, BaseException):
-                        raise reply
-                    else:
-                        counts["served" if reply == expected[model] else "wrong"] += 1
-                if burst == args.bursts // 10:
-                    rss.append(rss_mib())  # after warm-up
-            rss.append(rss_mib())
-
-        asyncio.run(bursts())
+        counts, rss = asyncio.run(run_bursts(tight, models, expected, args.bursts, args.burst_size))
         tight.close()
         results.append(
             {
