@@ -106,9 +106,9 @@ def run_scenario(args: argparse.Namespace, mode: str) -> dict[str, Any]:
 
 
 def peak_rss_gib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """This process's own peak RSS (VmHWM: ru_maxrss would carry a parent's peak across exec)."""
+    status = Path("/proc/self/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 2**20
 
 
 async def stream_rate(engine: Any, model: str, clients: int, tokens: int) -> dict[str, float]:

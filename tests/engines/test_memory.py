@@ -272,8 +272,10 @@ def test_load_peak_stays_within_its_estimate_and_1_15x_the_weights(tmp_path: Pat
         assert grown <= 1.15 * result["resident"], result
 
 
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of a large pytest process would
+# start from the parent's peak.
 PEAK_PROBE = """
-import json, resource, sys
+import json, sys
 from transformers import AutoTokenizer
 from engines.catalog import BaseSpec
 from engines.loader import load_base, plan_base_load
@@ -286,7 +288,7 @@ AutoTokenizer.from_pretrained(folder)
 from transformers import AutoModelForCausalLM, LlamaForCausalLM  # imports before the baseline
 before = rss()
 loaded = load_base(spec, plan)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) * 1024
 print(json.dumps({'before': before, 'peak': peak, 'resident': loaded.nbytes,
                   'estimate_resident': plan.resident_bytes, 'estimate_peak': plan.peak_bytes}))
 """

@@ -21,8 +21,16 @@ import pytest
 
 from gateway.ray_loopback import HOOK as LOOPBACK_HOOK
 from gateway.ray_serve import LOOPBACK_ENV, ROUTER_ENV
-from gateway.settings import AdapterSettings, ClusterSettings, EngineSettings, ModelSettings, Settings
+from gateway.settings import (
+    AdapterSettings,
+    ClusterSettings,
+    EngineSettings,
+    ModelSettings,
+    ServerSettings,
+    Settings,
+)
 from tests.conftest import TinyModels, free_port
+from tests.e2e.conftest import ADMIN_KEY
 
 for _key, _value in {**LOOPBACK_ENV, **ROUTER_ENV}.items():
     os.environ.setdefault(_key, _value)
@@ -69,6 +77,7 @@ def ray_settings(tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFacto
         },
         adapters=adapters,
         engine=EngineSettings(threads=1),
+        server=ServerSettings(admin_keys=[ADMIN_KEY]),
         cluster=ClusterSettings(num_replicas=2, cpus_per_replica=0.6, health_check_period_s=1.0),
     )
 

@@ -16,6 +16,7 @@ import pytest
 
 from gateway.settings import Settings
 from tests.conftest import RunningServer
+from tests.e2e.conftest import ADMIN
 from tests.ray.conftest import ADAPTERS, RayGateway, wait_ready
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -200,7 +201,9 @@ def test_errors_keep_their_openai_shape(ray_gateway: RayGateway) -> None:
     too_long = chat(ray_gateway.url, "tiny+lora-a", max_tokens=10_000)
     assert too_long.status_code == 400
     assert too_long.json()["error"]["code"] == "context_length_exceeded"
-    refused = httpx.post(f"{ray_gateway.v1}/unload_lora_adapter", json={"lora_name": "lora-a"}, timeout=30)
+    refused = httpx.post(
+        f"{ray_gateway.v1}/unload_lora_adapter", json={"lora_name": "lora-a"}, headers=ADMIN, timeout=30
+    )
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "unsupported_in_cluster"
 
 
