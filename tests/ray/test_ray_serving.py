@@ -202,7 +202,7 @@ def test_errors_keep_their_openai_shape(ray_gateway: RayGateway) -> None:
     assert too_long.status_code == 400
     assert too_long.json()["error"]["code"] == "context_length_exceeded"
     refused = httpx.post(
-        f"{ray_gateway.v1}/unload_lora_adapter", json={"lora_name": "lora-a"}, headers=ADMIN, timeout=30
+        f"{ray_gateway.v1}/unload_lora_adapter", json={"model": "tiny+lora-a"}, headers=ADMIN, timeout=30
     )
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "unsupported_in_cluster"
 
