@@ -84,6 +84,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+#: Preloading goes through an admin route, which is off unless the server has an admin key.
+ADMIN_KEY = "bench-admin"
+
+
 class Gateway:
     """``peft-gateway serve`` in a subprocess with a generated config."""
 
@@ -95,7 +99,7 @@ class Gateway:
         self.config = Path(tempfile.mkdtemp()) / "bench.toml"
         self.config.write_text(
             f'adapter_dirs = ["{adapter_root}"]\nbase_match = "warn"\n'
-            f'[server]\nlog_level = "warning"\n[engine]\nmax_batch = 32\nmax_waiting = 256\n{extra_toml}\n'
+            f'[server]\nlog_level = "warning"\nadmin_keys = ["{ADMIN_KEY}"]\n[engine]\nmax_batch = 32\nmax_waiting = 256\n{extra_toml}\n'
             f'[models.smol]\nsource = "{base}"\ndtype = "{dtype}"\ncontext_length = 2048\n'
             f'adapter_mode = "{adapter_mode}"\n'
         )
@@ -151,7 +155,12 @@ class Gateway:
         import httpx
 
         started = time.perf_counter()
-        response = httpx.post(f"{self.url}/v1/load_model", json={"model": model}, timeout=600)
+        response = httpx.post(
+            f"{self.url}/v1/load_model",
+            json={"model": model},
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            timeout=600,
+        )
         response.raise_for_status()
         return time.perf_counter() - started
 

@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -623,8 +624,20 @@ def init_local_ray(
         _temp_dir=temp_dir,
         namespace=APP_NAME,
         configure_logging=False,
-        runtime_env={"worker_process_setup_hook": LOOPBACK_HOOK},
+        runtime_env={"worker_process_setup_hook": LOOPBACK_HOOK, "env_vars": local_import_path()},
     )
+
+
+def local_import_path() -> dict[str, str]:
+    """``PYTHONPATH`` for a private instance's workers: where this process imports the gateway from.
+
+    Workers import ``gateway`` and ``engines`` by name (the setup hook, the deployments). Run from a
+    source checkout (``python -m gateway.cli``) or through a stale editable install, the driver finds
+    them on its own ``sys.path`` but the workers would not, and every worker would fail to start.
+    """
+    source = str(Path(__file__).resolve().parent.parent)
+    existing = os.environ.get("PYTHONPATH", "")
+    return {"PYTHONPATH": os.pathsep.join(part for part in (source, existing) if part)}
 
 
 def serve_on_ray(settings: Settings, address: str) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from gateway.ray_loopback import HOOK as LOOPBACK_HOOK
-from gateway.ray_serve import LOOPBACK_ENV, ROUTER_ENV
+from gateway.ray_serve import LOOPBACK_ENV, ROUTER_ENV, local_import_path
 from gateway.settings import (
     AdapterSettings,
     ClusterSettings,
@@ -111,7 +111,7 @@ def ray_gateway(ray_settings: Settings) -> Iterator[RayGateway]:
             namespace="peft-gateway",
             configure_logging=False,
             log_to_driver=False,
-            runtime_env={"worker_process_setup_hook": LOOPBACK_HOOK},
+            runtime_env={"worker_process_setup_hook": LOOPBACK_HOOK, "env_vars": local_import_path()},
         )
         port = free_port()
         deploy(ray_settings, host="127.0.0.1", port=port)
