@@ -34,7 +34,13 @@ class RayGateway(Gateway):
         import httpx
 
         with self.config.open("a") as config:
-            config.write("[cluster]\nnum_replicas = 1\ncpus_per_replica = 1.0\nhealth_check_period_s = 1.0\n")
+            # The replica reserves every core, as the direct server uses them: Ray sets a task's
+            # OMP_NUM_THREADS (so torch's threads) to its CPU reservation, and with 1.0 the engine
+            # would run single-threaded and measure that rather than the Ray hop.
+            cpus = os.cpu_count() or 1
+            config.write(
+                f"[cluster]\nnum_replicas = 1\ncpus_per_replica = {cpus}.0\nhealth_check_period_s = 1.0\n"
+            )
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
         self.process = subprocess.Popen(
             [
