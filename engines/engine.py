@@ -58,6 +58,8 @@ class MemoryDecisions:
     dtype_reason: str | None
     serving: str | None
     serving_reason: str | None
+    #: "int8" for the engine's int8 weights (``None``: as ``dtype`` says).
+    quantization: str | None = None
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,10 @@ def _decisions(entry: PoolEntry | None) -> MemoryDecisions | None:
     if entry is None:
         return None
     loaded = entry.loaded
-    return MemoryDecisions(loaded.dtype_reason or None, loaded.serving, loaded.serving_reason or None)
+    quantization = loaded.quantization if loaded.quantization != "none" else None
+    return MemoryDecisions(
+        loaded.dtype_reason or None, loaded.serving, loaded.serving_reason or None, quantization
+    )
 
 
 class Engine:

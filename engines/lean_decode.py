@@ -9,8 +9,8 @@ an in-place write of the new K/V column into ``BatchKVCache`` and one ``scaled_d
 with grouped KV heads.
 
 It covers the architectures whose decoder layer is exactly that (``ARCHITECTURES``); anything else,
-or any layer that is not a plain ``nn.Linear`` (quantized, or still wrapped by peft), keeps the
-transformers forward. Projections with forward hooks (unmerged multi-LoRA rows) are called as
+or any layer that is neither a plain ``nn.Linear`` nor the engine's ``Int8Linear`` (bitsandbytes-
+quantized, or still wrapped by peft), keeps the transformers forward. Projections with forward hooks (unmerged multi-LoRA rows) are called as
 modules so the hooks still apply.
 """
 
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from engines.int8 import Int8Linear, int8_matmul
 from engines.kvcache import BatchKVCache
 
 log = logging.getLogger("peft_gateway.lean_decode")
@@ -32,24 +33,44 @@ log = logging.getLogger("peft_gateway.lean_decode")
 ARCHITECTURES = frozenset({"llama", "mistral", "qwen2"})
 
 
+#: A projection the step multiplies itself: a plain linear layer or an int8 one.
+Projection = torch.nn.Linear | Int8Linear
+LINEAR_TYPES = (torch.nn.Linear, Int8Linear)
+
+
+@dataclass(frozen=True)
+class _Fused:
+    """Several projections' weights as one matrix (views of one buffer): one product for the group."""
+
+    weight: torch.Tensor  # float weights, or int8 values with ``scales``
+    bias: torch.Tensor | None
+    scales: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scales is None:
+            return F.linear(x, self.weight, self.bias)
+        out = int8_matmul(x, self.weight, self.scales)
+        return out + self.bias if self.bias is not None else out
+
+
 @dataclass(frozen=True)
 class _Layer:
     input_norm: torch.nn.Module
-    q: torch.nn.Linear
-    k: torch.nn.Linear
-    v: torch.nn.Linear
-    o: torch.nn.Linear
+    q: Projection
+    k: Projection
+    v: Projection
+    o: Projection
     post_norm: torch.nn.Module
-    gate: torch.nn.Linear
-    up: torch.nn.Linear
-    down: torch.nn.Linear
-    #: ``[q; k; v]`` and ``[gate; up]`` weights (and biases) as one matrix each, where the model's
-    #: weights are consecutive slices of one buffer (``fuse_projections``); ``None`` otherwise.
-    qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
-    gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    gate: Projection
+    up: Projection
+    down: Projection
+    #: ``[q; k; v]`` and ``[gate; up]`` as one matrix each, where the model's weights are consecutive
+    #: slices of one buffer (``fuse_projections``, or the loaders); ``None`` otherwise.
+    qkv: _Fused | None = None
+    gate_up: _Fused | None = None
 
 
-def _with_hooks(layer: torch.nn.Linear, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _with_hooks(layer: Projection, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Apply the layer's forward hooks (unmerged multi-LoRA rows add their delta there) to ``out``."""
     for hook in layer._forward_hooks.values():
         result = hook(layer, (x,), out)
@@ -58,13 +79,15 @@ def _with_hooks(layer: torch.nn.Linear, x: torch.Tensor, out: torch.Tensor) -> t
     return out
 
 
-def _project(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return _with_hooks(layer, x, F.linear(x, layer.weight, layer.bias))
+def _project(layer: Projection, x: torch.Tensor) -> torch.Tensor:
+    # ``forward`` rather than ``__call__``: hooks are applied here, once, with the same input.
+    out = F.linear(x, layer.weight, layer.bias) if isinstance(layer, torch.nn.Linear) else layer.forward(x)
+    return _with_hooks(layer, x, out)
 
 
 def _project_together(
-    fused: tuple[torch.Tensor, torch.Tensor | None] | None,
-    layers: tuple[torch.nn.Linear, ...],
+    fused: _Fused | None,
+    layers: tuple[Projection, ...],
     x: torch.Tensor,
 ) -> list[torch.Tensor]:
     """Several projections of ``x``: one matrix product where their weights are fused.
@@ -74,9 +97,8 @@ def _project_together(
     """
     if fused is None:
         return [_project(layer, x) for layer in layers]
-    weight, bias = fused
     sizes = [layer.out_features for layer in layers]
-    outputs = F.linear(x, weight, bias).split(sizes, dim=-1)
+    outputs = fused(x).split(sizes, dim=-1)
     return [_with_hooks(layer, x, out) for layer, out in zip(layers, outputs, strict=True)]
 
 
@@ -107,7 +129,7 @@ def fuse_projections(model: Any) -> int:
     groups = projection_groups(model)
     with torch.no_grad():
         for group in groups:
-            if _fused_view(group) is None:
+            if _fused_view(group) is None and all(type(layer) is torch.nn.Linear for layer in group):
                 _fuse_group(group)
     return len(groups) // 2
 
@@ -125,17 +147,26 @@ def _fuse_group(layers: tuple[torch.nn.Linear, ...]) -> None:
         start = end
 
 
-def _fused_view(layers: tuple[torch.nn.Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def _fused_view(layers: tuple[Projection, ...]) -> _Fused | None:
     """The one matrix the layers' weights (and biases) are consecutive slices of, if they are."""
-    weights = _consecutive([layer.weight for layer in layers])
+    scales = None
+    if all(isinstance(layer, Int8Linear) for layer in layers):
+        weights = _consecutive([layer.qweight for layer in layers])
+        scales = _consecutive([layer.scales for layer in layers])
+        if scales is None:
+            return None
+    elif all(type(layer) is torch.nn.Linear for layer in layers):
+        weights = _consecutive([layer.weight for layer in layers])
+    else:
+        return None
     if weights is None:
         return None
     if all(layer.bias is None for layer in layers):
-        return weights, None
+        return _Fused(weights, None, scales)
     if any(layer.bias is None for layer in layers):
         return None
     biases = _consecutive([layer.bias for layer in layers])
-    return (weights, biases) if biases is not None else None
+    return _Fused(weights, biases, scales) if biases is not None else None
 
 
 def _consecutive(tensors: list[Any]) -> torch.Tensor | None:
@@ -281,15 +312,15 @@ def unsupported_reason(model: Any) -> str | None:
     for attribute in ("embed_tokens", "rotary_emb", "norm", "layers"):
         if not hasattr(inner, attribute):
             return f"no model.{attribute}"
-    if type(getattr(model, "lm_head", None)) is not torch.nn.Linear:
+    if type(getattr(model, "lm_head", None)) not in LINEAR_TYPES:
         return f"lm_head is a {type(model.lm_head).__name__}"
     for layer in inner.layers:  # type: ignore[union-attr]
         attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         projections = [getattr(attention, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
         projections += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
         for projection in projections:
-            if type(projection) is not torch.nn.Linear:
-                return f"a projection is a {type(projection).__name__}, not a plain linear layer"
+            if type(projection) not in LINEAR_TYPES:
+                return f"a projection is a {type(projection).__name__}, not a plain or int8 linear layer"
         for norm in (
             getattr(layer, "input_layernorm", None),
             getattr(layer, "post_attention_layernorm", None),

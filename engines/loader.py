@@ -26,6 +26,9 @@ from engines.errors import AdapterRejected, ModelLoadFailed, public_text
 
 log = logging.getLogger("peft_gateway.loader")
 
+#: Quantizations done by bitsandbytes (CUDA); "int8" is the engine's own CPU format (``engines.int8``).
+BITSANDBYTES = frozenset({"8bit", "4bit"})
+
 
 @dataclass
 class LoadedModel:
@@ -54,6 +57,8 @@ class LoadedModel:
     #: For an adapter variant: "merged" or "unmerged", and why (a merged copy must fit the budget).
     serving: str | None = None
     serving_reason: str = ""
+    #: "int8" for the engine's int8 weights (adapters then only unmerged), else as configured.
+    quantization: str = "none"
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,8 @@ def plan_base_load(spec: BaseSpec, room: int | None) -> BasePlan:
     except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
         raise ModelLoadFailed(f"Could not read the weights of base model '{spec.name}': {exc}") from exc
     half = facts.stored_dtype if facts.stored_dtype in ("bfloat16", "float16") else "bfloat16"
+    if spec.quantization == "int8":
+        return _plan_int8_load(spec, folder, facts)
     if spec.dtype != "auto":
         name, reason = spec.dtype, "configured"
     elif spec.device.startswith("cuda"):
@@ -103,6 +110,21 @@ def plan_base_load(spec: BaseSpec, room: int | None) -> BasePlan:
     element = _DTYPE_BYTES[name]
     resident = facts.parameters * element
     transient = facts.largest_tensor * max(element, _DTYPE_BYTES.get(facts.stored_dtype, 4))
+    return BasePlan(folder, name, reason, resident, resident + transient)
+
+
+def _plan_int8_load(spec: BaseSpec, folder: Path, facts: CheckpointFacts) -> BasePlan:
+    """int8 weights; the dtype chosen here is the activations' and the KV cache's (and norms')."""
+    if spec.dtype != "auto":
+        name, why = spec.dtype, "configured"
+    elif auto_dtype_name(spec.device) == "bfloat16":
+        name, why = "bfloat16", "this CPU has native bf16"
+    else:
+        name, why = "float32", "no native bf16 on this CPU"
+    reason = f"int8 weights (per-channel scales); activations and KV cache in {name}: {why}"
+    resident = facts.int8_bytes(_DTYPE_BYTES[name])
+    # One matrix read in its stored dtype, plus a block of rows quantized in float32.
+    transient = facts.largest_tensor * _DTYPE_BYTES.get(facts.stored_dtype, 4) + 64 * 2**20
     return BasePlan(folder, name, reason, resident, resident + transient)
 
 
@@ -137,7 +159,8 @@ def load_base(spec: BaseSpec, plan: BasePlan | None = None) -> LoadedModel:
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from engines.lean_decode import fuse_projections
+    from engines.int8 import quantize_loaded
+    from engines.lean_decode import fuse_projections, projection_groups
     from engines.weights import load_streaming
 
     started = time.perf_counter()
@@ -151,22 +174,31 @@ def load_base(spec: BaseSpec, plan: BasePlan | None = None) -> LoadedModel:
         "trust_remote_code": spec.trust_remote_code,
         "use_safetensors": has_safetensors,
     }
-    if spec.quantization != "none":
+    if spec.quantization in BITSANDBYTES:
         kwargs["quantization_config"] = _quantization_config(spec)
         kwargs["device_map"] = spec.device
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
         model = None
-        if spec.quantization == "none":
+        if spec.quantization not in BITSANDBYTES:
             config = AutoConfig.from_pretrained(folder, trust_remote_code=spec.trust_remote_code)
-            model = load_streaming(folder, config, dtype, spec.device, spec.trust_remote_code)
+            model = load_streaming(
+                folder, config, dtype, spec.device, spec.trust_remote_code, quantization=spec.quantization
+            )
         if model is None:
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+            if spec.quantization == "int8":
+                log.warning(
+                    "%s: quantizing to int8 after a full-precision load (no usable safetensors shards), "
+                    "so this load peaks at the full-precision size",
+                    spec.name,
+                )
+                quantize_loaded(model, projection_groups(model), spec.device)
     except (OSError, ValueError, RuntimeError, ImportError, KeyError, SafetensorError) as exc:
         # SafetensorError (a corrupt or truncated .safetensors file) derives from none of the others.
         log.error("could not load base model %s from %s", spec.name, folder, exc_info=True)
         raise ModelLoadFailed(f"Could not load base model '{spec.name}': {public_text(exc)}") from exc
-    if spec.quantization == "none":
+    if spec.quantization not in BITSANDBYTES:
         model = cast(Any, model).to(spec.device)
         fuse_projections(model)
     model.eval()
@@ -185,6 +217,7 @@ def load_base(spec: BaseSpec, plan: BasePlan | None = None) -> LoadedModel:
         root=spec.source,
         sampling_defaults=read_sampling_defaults(folder),
         dtype_reason=plan.dtype_reason,
+        quantization=spec.quantization,
     )
     log.info(
         "loaded base %s (%s, %s, %.1f MiB) in %.2fs",
@@ -532,9 +565,20 @@ class CheckpointFacts:
     layers: int
     kv_width: int  # key (or value) elements per token per layer
     context: int
+    #: Elements and rows of the 2-D tensors (linear weights and embeddings): what int8 quantizes.
+    matrix_parameters: int = 0
+    matrix_rows: int = 0
 
     def kv_bytes_per_token(self, element: int) -> int:
         return 2 * self.layers * self.kv_width * element
+
+    def int8_bytes(self, element: int) -> int:
+        """Resident bytes once quantized: int8 matrices, a bf16 scale per row, the rest in ``element``."""
+        return (
+            self.matrix_parameters
+            + 2 * self.matrix_rows
+            + (self.parameters - self.matrix_parameters) * element
+        )
 
 
 def checkpoint_facts(folder: Path) -> CheckpointFacts:
@@ -553,6 +597,7 @@ def checkpoint_facts(folder: Path) -> CheckpointFacts:
     stored = str(config.get("torch_dtype") or config.get("dtype") or "float32")
     stored = stored if stored in _DTYPE_BYTES else "float32"
     tensors = checkpoint_tensors(folder)
+    matrices = [t.shape for t in tensors.values() if len(t.shape) == 2]
     if tensors:
         sizes = [math.prod(t.shape) for t in tensors.values()]
     else:
@@ -568,6 +613,9 @@ def checkpoint_facts(folder: Path) -> CheckpointFacts:
         layers=int(text.get("num_hidden_layers") or 0),
         kv_width=int(text.get("num_key_value_heads") or heads) * head_dim,
         context=int(text.get("max_position_embeddings") or 2048),
+        # Without safetensors headers (pickle checkpoints) every weight counts as a matrix.
+        matrix_parameters=sum(rows * cols for rows, cols in matrices) if tensors else sum(sizes),
+        matrix_rows=sum(rows for rows, _cols in matrices),
     )
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from engines.errors import AdapterRejected
+from engines.int8 import Int8Linear, compute_dtype_of, device_of
 
 log = logging.getLogger("peft_gateway.multilora")
 
@@ -98,11 +99,11 @@ def load_lora_weights(
 class _Stack:
     """Per-module stacks ``A [slots, r, in]`` and ``B [slots, out, r]``, rank padded with zeros."""
 
-    def __init__(self, layer: torch.nn.Linear) -> None:
+    def __init__(self, layer: torch.nn.Linear | Int8Linear) -> None:
         self.in_features = layer.in_features
         self.out_features = layer.out_features
-        self.dtype = layer.weight.dtype
-        self.device = layer.weight.device
+        self.dtype = compute_dtype_of(layer)
+        self.device = device_of(layer)
         self.rank = 0
         self.a = torch.zeros(1, 0, self.in_features, dtype=self.dtype, device=self.device)
         self.b = torch.zeros(1, self.out_features, 0, dtype=self.dtype, device=self.device)
@@ -164,11 +165,11 @@ class MultiLora:
         modules = set(self._stacks) | set(ranks)
         for module in modules:
             layer = self._modules.get(module)
-            if not isinstance(layer, torch.nn.Linear):
+            if not isinstance(layer, torch.nn.Linear | Int8Linear):
                 continue
             stack = self._stacks.get(module)
             rank = max(stack.rank if stack else 0, ranks.get(module, 0))
-            element = layer.weight.element_size()
+            element = torch.empty((), dtype=compute_dtype_of(layer)).element_size()
             total += (
                 max(slots, stack.a.shape[0] if stack else 0)
                 * rank
@@ -185,7 +186,7 @@ class MultiLora:
     def _add(self, key: str, weights: LoraWeights) -> int:
         for module in weights.modules:
             layer = self._modules.get(module)
-            if not isinstance(layer, torch.nn.Linear):
+            if not isinstance(layer, torch.nn.Linear | Int8Linear):
                 raise AdapterRejected(
                     f"Adapter targets '{module}', which is not a linear layer of this base."
                 )

@@ -27,6 +27,7 @@ from engines.catalog import BaseSpec, Catalog
 from engines.errors import AdapterRejected, InsufficientMemory, Overloaded
 from engines.hub import HubFetcher
 from engines.loader import (
+    BITSANDBYTES,
     BasePlan,
     LoadedModel,
     adapter_tokenizer,
@@ -81,6 +82,7 @@ def attach_unmerged(base: LoadedModel, files: AdapterFiles, model_id: str, reaso
         dtype_reason=base.dtype_reason,
         serving="unmerged",
         serving_reason=reason,
+        quantization=base.quantization,
     )
 
 
@@ -221,11 +223,11 @@ class ModelPool:
         if name.adapter is None:
             base_entry = await self._get_base(spec)
             return self._lease(base_entry, spec.name) if self._live(base_entry) else None
-        if spec.quantization != "none":
+        if spec.quantization in BITSANDBYTES:
             raise AdapterRejected(
-                f"Base '{spec.name}' is loaded with {spec.quantization} quantization; LoRA adapters cannot "
-                'be merged into 8-bit or 4-bit weights. Configure the base with quantization = "none" '
-                "to serve adapters on it."
+                f"Base '{spec.name}' is loaded with bitsandbytes {spec.quantization} quantization, which "
+                'this gateway serves without adapters. Use quantization = "int8" (CPU; adapters are '
+                'served unmerged on it) or "none" to serve adapters on it.'
             )
         ref = resolve_adapter_ref(self.catalog, spec, name.adapter, name.revision)
         model_id = f"{spec.name}+{ref.alias or name.adapter}" + (f"@{name.revision}" if name.revision else "")
@@ -250,7 +252,7 @@ class ModelPool:
                 base.dependents -= 1
         if entry is None or not self._live(entry):
             return None
-        if spec.adapter_mode == "auto" and entry.loaded.multilora is not None:
+        if spec.adapter_mode == "auto" and entry.loaded.multilora is not None and spec.quantization == "none":
             self._count_for_promotion(spec, ref, model_id, variant_key)
         return self._lease(entry, model_id)
 
@@ -361,6 +363,8 @@ class ModelPool:
 
         files = await run_on_own_thread(check)
         device = base.loaded.device
+        if spec.quantization == "int8":
+            return await self._attach_to_int8(spec, base, files, model_id)
         budget = self.budgets.for_device(device)
         unmergeable = unsupported_reason(files.config)
         merge_need = estimate_merge_bytes(files, base.loaded)
@@ -384,6 +388,27 @@ class ModelPool:
         self.make_room(
             model_id, registry.added_bytes(files.config, files.weights_file), device, what="unmerged"
         )
+        return await run_on_own_thread(attach_unmerged, base.loaded, files, model_id, reason)
+
+    async def _attach_to_int8(
+        self, spec: BaseSpec, base: PoolEntry, files: AdapterFiles, model_id: str
+    ) -> LoadedModel:
+        """On an int8 base an adapter is always served unmerged: merging would re-quantize its delta away."""
+        unservable = unsupported_reason(files.config)
+        if unservable is not None:
+            raise AdapterRejected(
+                f"Adapter '{files.ref.label}' uses {unservable}, which needs a merged copy; base "
+                f"'{spec.name}' has int8 weights, into which adapters are never merged. Serve it on a base "
+                'configured with quantization = "none".'
+            )
+        registry = multilora_for(base.loaded.model)
+        self.make_room(
+            model_id,
+            registry.added_bytes(files.config, files.weights_file),
+            base.loaded.device,
+            what="unmerged",
+        )
+        reason = "the base has int8 weights: adapters are applied unmerged on top, never merged into them"
         return await run_on_own_thread(attach_unmerged, base.loaded, files, model_id, reason)
 
     def _lease(self, entry: PoolEntry, model_id: str) -> Lease:

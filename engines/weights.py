@@ -159,7 +159,7 @@ def materialize(model: torch.nn.Module, device: str, groups: list[tuple[torch.nn
             start = end
     for module in model.modules():
         for name, param in list(module._parameters.items()):
-            if param is None:
+            if param is None or (param.device.type != "meta" and id(param) not in replaced):
                 continue
             new = replaced.get(id(param))
             if new is None:
@@ -169,11 +169,22 @@ def materialize(model: torch.nn.Module, device: str, groups: list[tuple[torch.nn
 
 
 def load_streaming(
-    folder: Path, config: Any, dtype: torch.dtype, device: str, trust_remote_code: bool
+    folder: Path,
+    config: Any,
+    dtype: torch.dtype,
+    device: str,
+    trust_remote_code: bool,
+    *,
+    quantization: str = "none",
 ) -> Any:
-    """The model in ``folder`` loaded with a peak of its weights plus one tensor, or ``None`` (see module)."""
+    """The model in ``folder`` loaded with a peak of its weights plus one tensor, or ``None`` (see module).
+
+    ``quantization = "int8"`` builds int8 layers (``engines.int8``) before anything is allocated and
+    quantizes each matrix as it is read, so the full-precision model never exists in memory.
+    """
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    from engines.int8 import convert_to_int8, quantize_rows_into
     from engines.lean_decode import projection_groups
 
     if not any(folder.glob("*.safetensors")):
@@ -181,17 +192,23 @@ def load_streaming(
     stored = checkpoint_tensors(folder)
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    groups = projection_groups(model)
+    quantized = convert_to_int8(model, groups, device, dtype) if quantization == "int8" else {}
     parameters: dict[str, torch.nn.Parameter] = dict(model.named_parameters(remove_duplicate=False))
-    unknown = sorted(set(stored) - set(parameters) - set(dict(model.named_buffers())))
+    unknown = sorted(set(stored) - set(parameters) - set(dict(model.named_buffers())) - set(quantized))
     if unknown:
         log.info("checkpoint keys %s are not parameter names: loading with from_pretrained", unknown[:3])
         return None
     loaded_ids = {id(parameters[name]) for name in stored if name in parameters}
     missing = sorted(name for name, param in parameters.items() if id(param) not in loaded_ids)
+    loaded_tables = {quantized[name].qweight.data_ptr() for name in stored if name in quantized}
+    missing += sorted(
+        name for name, layer in quantized.items() if layer.qweight.data_ptr() not in loaded_tables
+    )
     if missing:
         log.info("checkpoint lacks %s: loading with from_pretrained", missing[:3])
         return None
-    materialize(model, device, projection_groups(model))
+    materialize(model, device, [] if quantized else groups)
     parameters = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers())
     handles: dict[Path, Any] = {}
@@ -200,6 +217,14 @@ def load_streaming(
             handle = handles.get(where.file)
             if handle is None:
                 handle = handles[where.file] = where.file.open("rb", buffering=0)
+            layer = quantized.get(name)
+            if layer is not None:
+                # One tensor's temporary in its stored dtype, quantized a block of rows at a time.
+                temporary = torch.empty(where.shape, dtype=where.dtype)
+                read_into(where, temporary, handle)
+                quantize_rows_into(temporary, layer.qweight, layer.scales)
+                del temporary
+                continue
             read_into(where, parameters[name] if name in parameters else buffers[name], handle)
     finally:
         for handle in handles.values():

@@ -43,6 +43,7 @@ def model_card(info: ModelInfo) -> dict[str, Any]:
         "loaded": info.loaded,
         "cached": info.cached or info.loaded,
         "dtype": info.dtype,
+        "quantization": info.decisions.quantization if info.decisions else None,
         "dtype_reason": info.decisions.dtype_reason if info.decisions else None,
         "adapter_serving": info.decisions.serving if info.decisions else None,
         "adapter_serving_reason": info.decisions.serving_reason if info.decisions else None,

@@ -61,7 +61,9 @@ class ModelSettings(_Strict):
     revision: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "cpu"
-    quantization: Literal["none", "8bit", "4bit"] = "none"
+    #: "int8": the engine's own weight-only int8 for CPU (adapters served unmerged on it);
+    #: "8bit"/"4bit": bitsandbytes on CUDA (no adapters).
+    quantization: Literal["none", "int8", "8bit", "4bit"] = "none"
     context_length: int | None = Field(default=None, ge=1)
     aliases: list[str] = Field(default_factory=list)
     trust_remote_code: bool = False
@@ -69,6 +71,15 @@ class ModelSettings(_Strict):
     adapter_mode: Literal["merge", "multi", "auto"] = "merge"
     #: How tool calls are read from this model's output; "auto": from its chat template.
     tool_parser: Literal["auto", "hermes", "llama3_json", "mistral"] = "auto"
+
+    @model_validator(mode="after")
+    def _int8_is_for_cpu(self) -> ModelSettings:
+        if self.quantization == "int8" and not self.device.startswith("cpu"):
+            raise ValueError(
+                f'quantization = "int8" is the CPU weight-only format, but device is {self.device!r}; '
+                'on CUDA use quantization = "8bit" (bitsandbytes) or a half-precision dtype'
+            )
+        return self
 
 
 class AdapterSettings(_Strict):

@@ -112,7 +112,7 @@ def test_adapter_for_another_base_is_refused_naming_both(tiny_server: RunningSer
 
 def test_adapter_on_quantized_base_is_refused(tiny_server: RunningServer) -> None:
     error = assert_openai_error(post(tiny_server, {"model": "tiny-8bit+tiny-lora", "messages": HELLO}), 400)
-    assert "8-bit or 4-bit" in error["message"]
+    assert "bitsandbytes" in error["message"] and '"int8"' in error["message"]
 
 
 def test_prompt_beyond_context_is_context_length_exceeded(tiny_server: RunningServer) -> None:

@@ -257,19 +257,46 @@ def test_load_peak_stays_within_its_estimate_and_1_15x_the_weights(tmp_path: Pat
     # An unpadded tokenizer: 32k added tokens would cost the test more memory than the weights' slack.
     folder = write_llama_checkpoint(tmp_path / "base", shape, shard_bytes=64 * 2**20, pad_tokenizer=False)
     for dtype in ("bfloat16", "float32"):
-        result = json.loads(
-            subprocess.run(
-                [sys.executable, "-c", PEAK_PROBE, str(folder), dtype],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout.splitlines()[-1]
-        )
+        result = _measure_load(folder, dtype, "none")
         grown = result["peak"] - result["before"]
         assert result["estimate_resident"] <= result["resident"] <= 1.01 * result["estimate_resident"]
         # Module objects and the tokenizer cost a few tens of MB whatever the size: the headroom's share.
         assert grown <= result["estimate_peak"] + 64 * 2**20, result
         assert grown <= 1.15 * result["resident"], result
+
+
+@pytest.mark.slow
+def test_an_int8_load_never_holds_the_full_precision_model(tmp_path: Path) -> None:
+    shape = LlamaShape(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=8000,
+    )
+    folder = write_llama_checkpoint(tmp_path / "base", shape, shard_bytes=64 * 2**20, pad_tokenizer=False)
+    half = _measure_load(folder, "bfloat16", "none")
+    result = _measure_load(folder, "float32", "int8")
+    grown = result["peak"] - result["before"]
+    # What the budget counts is what the int8 model holds: a quarter of float32, half of bf16.
+    assert result["resident"] <= 1.01 * result["estimate_resident"], result
+    assert result["resident"] <= 0.55 * half["resident"], (result, half)
+    # The peak: the int8 weights, one tensor read in its stored dtype and a block of rows in float32.
+    # Holding the bf16 model at any point would add its whole size to the int8 one.
+    assert grown <= result["estimate_peak"] + 64 * 2**20, result
+    assert grown < result["resident"] + 0.5 * half["resident"], (result, half)
+
+
+def _measure_load(folder: Path, dtype: str, quantization: str) -> dict[str, int]:
+    completed = subprocess.run(
+        [sys.executable, "-c", PEAK_PROBE, str(folder), dtype, quantization],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    result: dict[str, int] = json.loads(completed.stdout.splitlines()[-1])
+    return result
 
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of a large pytest process would
@@ -281,8 +308,8 @@ from engines.catalog import BaseSpec
 from engines.loader import load_base, plan_base_load
 def rss():
     return int(open('/proc/self/status').read().split('VmRSS:')[1].split()[0]) * 1024
-folder, dtype = sys.argv[1], sys.argv[2]
-spec = BaseSpec(name='m', source=folder, dtype=dtype)
+folder, dtype, quantization = sys.argv[1], sys.argv[2], sys.argv[3]
+spec = BaseSpec(name='m', source=folder, dtype=dtype, quantization=quantization)
 plan = plan_base_load(spec, None)
 AutoTokenizer.from_pretrained(folder)
 from transformers import AutoModelForCausalLM, LlamaForCausalLM  # imports before the baseline

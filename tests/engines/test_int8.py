@@ -1,0 +1,206 @@
+"""int8 bases on CPU: per-channel quantization, the loaders, the lean step, adapters served unmerged on top.
+
+The reference for every answer is the same model with float32 weights equal to the int8 ones
+dequantized (``q * scale``), and for adapters peft's own unmerged ``PeftModel`` on that base. The int8
+kernel takes its activations in bf16 and returns bf16, so answers match the reference to bf16's
+precision, not exactly: logits within 2% of their largest magnitude (measured: under 0.8%).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from engines.catalog import BaseSpec
+from engines.int8 import Int8Embedding, Int8Linear, int8_matmul, quantize_rows_into
+from engines.lean_decode import LeanDecoder
+from engines.loader import LoadedModel, load_base, plan_base_load, tensor_bytes
+from engines.tiny import TinyShape, save_tiny_adapter, save_tiny_base
+from tests.conftest import TinyModels
+
+#: Logits may differ from the dequantized float32 reference by this share of their largest magnitude.
+TOLERANCE = 0.02
+PROMPTS = ([5, 17, 33, 80, 81, 200], [7, 7, 7, 120, 3], [250, 1, 64, 64, 9, 30, 31, 2])
+
+
+def _int8_base(folder: Path, **overrides: Any) -> LoadedModel:
+    spec = BaseSpec(name="tiny", source=str(folder), quantization="int8", dtype="float32", **overrides)
+    return load_base(spec)
+
+
+def _dequantized_reference(folder: Path, int8_model: Any) -> Any:
+    """The float32 model whose weights are exactly what ``int8_model``'s int8 values stand for."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    modules = dict(reference.named_modules())
+    with torch.no_grad():
+        for name, module in int8_model.named_modules():
+            if isinstance(module, Int8Linear | Int8Embedding):
+                modules[name].weight.copy_(module.dequantized())
+    return reference
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    limit = TOLERANCE * float(want.abs().max())
+    assert float((got - want).abs().max()) <= limit
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_quantization_is_per_row_and_within_half_a_step() -> None:
+    weight = torch.randn(40, 24) * torch.linspace(0.01, 3.0, 40)[:, None]
+    qweight = torch.empty(40, 24, dtype=torch.int8)
+    scales = torch.empty(40, dtype=torch.bfloat16)
+    quantize_rows_into(weight, qweight, scales)
+    dequantized = qweight.float() * scales.float()[:, None]
+    assert int(qweight.abs().max()) <= 127
+    assert torch.all((weight - dequantized).abs() <= scales.float()[:, None] * 0.5 + 1e-6)
+    # Each row uses its own range: a row of small weights keeps its precision beside a row of large ones.
+    assert float(scales[0]) < float(scales[-1]) / 100
+
+
+def test_int8_matmul_matches_the_dequantized_product() -> None:
+    weight = torch.randn(96, 64) * 0.05
+    qweight = torch.empty(96, 64, dtype=torch.int8)
+    scales = torch.empty(96, dtype=torch.bfloat16)
+    quantize_rows_into(weight, qweight, scales)
+    x = torch.randn(3, 5, 64)
+    want = x @ (qweight.float() * scales.float()[:, None]).T
+    got = int8_matmul(x, qweight, scales)
+    assert got.dtype == torch.float32 and got.shape == (3, 5, 96)
+    assert float((got - want).abs().max()) <= TOLERANCE * float(want.abs().max())
+
+
+def test_int8_base_holds_int8_weights_with_fused_groups(tiny_models: TinyModels) -> None:
+    loaded = _int8_base(tiny_models.base)
+    model = loaded.model
+    layer = model.model.layers[0]
+    assert loaded.quantization == "int8" and loaded.dtype == "float32"
+    assert isinstance(model.model.embed_tokens, Int8Embedding)
+    assert isinstance(model.lm_head, Int8Linear)
+    for projection in (layer.self_attn.q_proj, layer.mlp.down_proj):
+        assert isinstance(projection, Int8Linear) and projection.qweight.dtype == torch.int8
+    # q/k/v (and gate/up) are views of one buffer, so the lean step multiplies them at once.
+    q, k = layer.self_attn.q_proj.qweight, layer.self_attn.k_proj.qweight
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+    assert not any(p.dtype == torch.float32 and p.dim() == 2 for p in model.parameters())
+    plan = plan_base_load(BaseSpec(name="tiny", source=str(tiny_models.base), quantization="int8"), None)
+    assert plan.resident_bytes == pytest.approx(tensor_bytes(model), rel=0.02)
+    full = plan_base_load(BaseSpec(name="tiny", source=str(tiny_models.base), dtype="float32"), None)
+    assert plan.resident_bytes < full.resident_bytes * 0.4
+
+
+def test_int8_logits_match_the_dequantized_float_model(tiny_models: TinyModels) -> None:
+    loaded = _int8_base(tiny_models.base)
+    reference = _dequantized_reference(tiny_models.base, loaded.model)
+    with torch.inference_mode():
+        for prompt in PROMPTS:
+            ids = torch.tensor([prompt])
+            _close(loaded.model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_lean_step_on_int8_matches_the_transformers_forward(tiny_models: TinyModels) -> None:
+    from transformers import DynamicCache
+
+    from engines.kvcache import BatchKVCache
+
+    loaded = _int8_base(tiny_models.base)
+    model = loaded.model
+    decoder = LeanDecoder.for_model(model)
+    assert decoder is not None and decoder.layers[0].qkv is not None
+    prompt = PROMPTS[0]
+    with torch.inference_mode():
+        cache = DynamicCache()
+        model(input_ids=torch.tensor([prompt[:-1]]), use_cache=True, past_key_values=cache)
+        kv = BatchKVCache.for_model(model, rows=1, max_columns=64)
+        kv.add_row(cache)
+        kv.reserve(1)
+        lean = decoder.step(torch.tensor([[prompt[-1]]]), kv, kv.position_ids())
+        full = model(input_ids=torch.tensor([prompt])).logits[:, -1]
+    assert torch.allclose(lean, full, atol=1e-4, rtol=1e-4)
+
+
+def test_tied_embeddings_share_one_int8_table(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny_base(tmp_path / "tied")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(folder, safe_serialization=True)
+    loaded = _int8_base(folder)
+    head, table = loaded.model.lm_head, loaded.model.model.embed_tokens
+    assert isinstance(head, Int8Linear) and isinstance(table, Int8Embedding)
+    assert head.qweight.data_ptr() == table.qweight.data_ptr()
+    reference = _dequantized_reference(folder, loaded.model)
+    with torch.inference_mode():
+        ids = torch.tensor([PROMPTS[1]])
+        _close(loaded.model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_fallback_load_quantizes_a_pickle_checkpoint(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny_base(tmp_path / "pickled")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    for file in folder.glob("*.safetensors"):
+        file.unlink()
+    model.save_pretrained(folder, safe_serialization=False)
+    loaded = _int8_base(folder)
+    assert isinstance(loaded.model.model.layers[0].mlp.up_proj, Int8Linear)
+    reference = _dequantized_reference(folder, loaded.model)
+    with torch.inference_mode():
+        ids = torch.tensor([PROMPTS[2]])
+        _close(loaded.model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_unmerged_adapter_on_int8_matches_peft_on_the_dequantized_base(tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    from engines.multilora import load_lora_weights, multilora_for
+    from engines.scheduler import adapter_rows
+
+    base_folder = save_tiny_base(tmp_path / "base", TinyShape(num_hidden_layers=3))
+    adapter = save_tiny_adapter(
+        base_folder,
+        tmp_path / "adapter",
+        target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        rank=8,
+    )
+    loaded = _int8_base(base_folder)
+    import json
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    registry = multilora_for(loaded.model)
+    slot = registry.add(
+        "a", load_lora_weights(adapter / "adapter_model.safetensors", config, torch.float32, "cpu")
+    )
+    reference = PeftModel.from_pretrained(_dequantized_reference(base_folder, loaded.model), adapter).eval()
+
+    class Row:  # what ``adapter_rows`` reads from a sequence
+        model = LoadedModel(
+            name="a",
+            model=loaded.model,
+            tokenizer=None,
+            dtype="float32",
+            device="cpu",
+            context_length=64,
+            eos_token_ids=frozenset(),
+            nbytes=0,
+            load_seconds=0.0,
+            multilora=registry,
+            adapter_slot=slot,
+        )
+
+    with torch.inference_mode():
+        for prompt in PROMPTS:
+            ids = torch.tensor([prompt])
+            want = reference(input_ids=ids).logits
+            with adapter_rows([Row()]):  # type: ignore[list-item]
+                got = loaded.model(input_ids=ids).logits
+            _close(got, want)
+            without = loaded.model(input_ids=ids).logits
+            assert float((without - want).abs().max()) > 10 * TOLERANCE * float(want.abs().max())
