@@ -94,6 +94,8 @@ def run_scenario(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         str(args.repeats),
         "--clients",
         *[str(c) for c in args.clients],
+        "--quantization",
+        args.quantization,
         "--scenario",
         mode,
     ]
@@ -181,6 +183,7 @@ def scenario(args: argparse.Namespace) -> dict[str, Any]:
                     source=BASE_REPO,
                     device=args.device,
                     adapter_mode=args.scenario,
+                    quantization=args.quantization,
                 ),
             )
         ),
@@ -191,6 +194,7 @@ def scenario(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "shape": args.shape,
         "adapter_mode": args.scenario,
+        "quantization": args.quantization,
         "budget_gib": round(budget.total / 2**30, 2),
     }
     adapter_model = f"llama-2-chat-7b+{ADAPTER_REPO}"
@@ -223,7 +227,7 @@ def scenario(args: argparse.Namespace) -> dict[str, Any]:
                 if rate["tokens_per_s"] > result.get(key, 0.0):  # best of the repeats, alternating
                     result[key] = round(rate["tokens_per_s"], 3)
                     result[f"{label}_{clients}_ttft_s"] = round(rate["ttft_s"], 3)
-            if not args.no_raw:
+            if not args.no_raw and args.quantization == "none":  # raw generate needs float weights
                 raw = raw_generate_rate(base_model, tokenizer, clients, args.tokens)
                 result[f"raw_generate_{clients}_tok_s"] = round(raw, 3)
         for clients in args.clients:
@@ -259,6 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--no-raw", action="store_true", help="skip raw transformers generate")
     parser.add_argument("--repeats", type=int, default=2, help="alternating base/adapter runs; best kept")
+    parser.add_argument(
+        "--quantization", default="none", choices=("none", "int8"), help="the base's quantization (int8: CPU)"
+    )
     parser.add_argument("--scenario", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     hub = args.root / args.shape / "hub"

@@ -92,7 +92,14 @@ class Gateway:
     """``peft-gateway serve`` in a subprocess with a generated config."""
 
     def __init__(
-        self, base: Path, adapter_root: Path, *, dtype: str, extra_toml: str = "", adapter_mode: str = "merge"
+        self,
+        base: Path,
+        adapter_root: Path,
+        *,
+        dtype: str,
+        extra_toml: str = "",
+        adapter_mode: str = "merge",
+        quantization: str = "none",
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -101,7 +108,7 @@ class Gateway:
             f'adapter_dirs = ["{adapter_root}"]\nbase_match = "warn"\n'
             f'[server]\nlog_level = "warning"\nadmin_keys = ["{ADMIN_KEY}"]\n[engine]\nmax_batch = 32\nmax_waiting = 256\n{extra_toml}\n'
             f'[models.smol]\nsource = "{base}"\ndtype = "{dtype}"\ncontext_length = 2048\n'
-            f'adapter_mode = "{adapter_mode}"\n'
+            f'adapter_mode = "{adapter_mode}"\nquantization = "{quantization}"\n'
         )
         self.process: subprocess.Popen[bytes] | None = None
 
