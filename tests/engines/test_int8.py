@@ -204,3 +204,68 @@ def test_unmerged_adapter_on_int8_matches_peft_on_the_dequantized_base(tmp_path:
             _close(got, want)
             without = loaded.model(input_ids=ids).logits
             assert float((without - want).abs().max()) > 10 * TOLERANCE * float(want.abs().max())
+
+
+def _int8_engine(models: TinyModels, mode: str) -> Any:
+    from engines.catalog import AdapterPolicy, AdapterSpec, Catalog
+    from engines.engine import Engine, EngineLimits
+
+    catalog = Catalog(
+        bases=(
+            BaseSpec(
+                name="tiny",
+                source=str(models.base),
+                quantization="int8",
+                context_length=256,
+                adapter_mode=mode,
+            ),
+        ),
+        adapters=(AdapterSpec(alias="lora", source=str(models.adapter), base="tiny"),),
+        policy=AdapterPolicy(adapter_dirs=(models.adapter_dirs,), base_match="warn"),
+    )
+    return Engine(catalog, EngineLimits(max_batch=8, prefix_cache_bytes=0))
+
+
+def test_auto_mode_never_promotes_an_adapter_into_int8_weights(tiny_models: TinyModels) -> None:
+    import asyncio
+
+    from engines.pool import MERGED_SUFFIX
+    from tests.engines.test_scheduler import PROMPTS as TEXTS
+    from tests.engines.test_scheduler import generate
+
+    engine = _int8_engine(tiny_models, "auto")
+    engine.pool.merge_after = 2
+    try:
+
+        async def scenario() -> list[str]:
+            answers = [await generate(engine, "tiny+lora", TEXTS[0]) for _ in range(4)]
+            await asyncio.sleep(0.3)
+            return answers
+
+        answers = asyncio.run(scenario())
+        assert len(set(answers)) == 1
+        assert not any(entry.key.endswith(MERGED_SUFFIX) for entry in engine.pool.entries())
+    finally:
+        engine.close()
+
+
+def test_rows_on_different_adapters_share_an_int8_batch_and_answer_as_alone(tiny_models: TinyModels) -> None:
+    import asyncio
+
+    from tests.engines.test_scheduler import PROMPTS as TEXTS
+    from tests.engines.test_scheduler import generate
+
+    engine = _int8_engine(tiny_models, "multi")
+    models = ["tiny", "tiny+lora", "tiny+other-base-lora"]
+    try:
+
+        async def scenario() -> tuple[list[str], list[str]]:
+            alone = [await generate(engine, model, TEXTS[1]) for model in models]
+            together = await asyncio.gather(*(generate(engine, model, TEXTS[1]) for model in models))
+            return alone, list(together)
+
+        alone, together = asyncio.run(scenario())
+        assert together == alone
+        assert len(set(alone)) == 3  # each adapter changes the answer
+    finally:
+        engine.close()
