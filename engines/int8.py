@@ -202,29 +202,32 @@ def convert_to_int8(
             full = f"{parent_name}.{child_name}" if parent_name else child_name
             new = replacements.get(id(child))
             if new is None and type(child) is torch.nn.Linear:
-                if table is not None and child.weight is embedding_weight:
-                    new = Int8Linear(
-                        child.in_features,
-                        child.out_features,
-                        compute_dtype=compute_dtype,
-                        qweight=table.qweight,
-                        scales=table.scales,
-                        bias=_empty_bias(child, compute_dtype, device),
-                    )
-                else:
-                    new = Int8Linear(
-                        child.in_features,
-                        child.out_features,
-                        compute_dtype=compute_dtype,
-                        qweight=torch.empty(child.weight.shape, dtype=torch.int8, device=device),
-                        scales=torch.empty(child.out_features, dtype=SCALE_DTYPE, device=device),
-                        bias=_empty_bias(child, compute_dtype, device),
-                    )
+                shared = table if table is not None and child.weight is embedding_weight else None
+                new = _int8_linear_like(child, shared, compute_dtype, device)
                 replacements[id(child)] = new
             if new is not None:
                 parent._modules[child_name] = new
                 names[f"{full}.weight"] = new
     return names
+
+
+def _int8_linear_like(
+    layer: torch.nn.Linear, tied: Int8Embedding | None, compute_dtype: torch.dtype, device: str
+) -> Int8Linear:
+    """An int8 layer shaped like ``layer``: fresh buffers, or a tied embedding's table and scales."""
+    if tied is not None:
+        qweight, scales = tied.qweight, tied.scales
+    else:
+        qweight = torch.empty(layer.weight.shape, dtype=torch.int8, device=device)
+        scales = torch.empty(layer.out_features, dtype=SCALE_DTYPE, device=device)
+    return Int8Linear(
+        layer.in_features,
+        layer.out_features,
+        compute_dtype=compute_dtype,
+        qweight=qweight,
+        scales=scales,
+        bias=_empty_bias(layer, compute_dtype, device),
+    )
 
 
 def _empty_bias(layer: torch.nn.Linear, dtype: torch.dtype, device: str) -> torch.Tensor | None:

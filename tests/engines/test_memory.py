@@ -246,16 +246,7 @@ def test_requests_whose_kv_caches_fit_only_one_at_a_time_wait_and_all_finish(tin
 
 @pytest.mark.slow
 def test_load_peak_stays_within_its_estimate_and_1_15x_the_weights(tmp_path: Path) -> None:
-    shape = LlamaShape(
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=8000,  # layers dominate, as at 7B, where one tensor's cast temporary is 1% of the weights
-    )
-    # An unpadded tokenizer: 32k added tokens would cost the test more memory than the weights' slack.
-    folder = write_llama_checkpoint(tmp_path / "base", shape, shard_bytes=64 * 2**20, pad_tokenizer=False)
+    folder = _load_test_checkpoint(tmp_path)
     for dtype in ("bfloat16", "float32"):
         result = _measure_load(folder, dtype, "none")
         grown = result["peak"] - result["before"]
@@ -267,15 +258,7 @@ def test_load_peak_stays_within_its_estimate_and_1_15x_the_weights(tmp_path: Pat
 
 @pytest.mark.slow
 def test_an_int8_load_never_holds_the_full_precision_model(tmp_path: Path) -> None:
-    shape = LlamaShape(
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        vocab_size=8000,
-    )
-    folder = write_llama_checkpoint(tmp_path / "base", shape, shard_bytes=64 * 2**20, pad_tokenizer=False)
+    folder = _load_test_checkpoint(tmp_path)
     half = _measure_load(folder, "bfloat16", "none")
     result = _measure_load(folder, "float32", "int8")
     grown = result["peak"] - result["before"]
@@ -286,6 +269,19 @@ def test_an_int8_load_never_holds_the_full_precision_model(tmp_path: Path) -> No
     # Holding the bf16 model at any point would add its whole size to the int8 one.
     assert grown <= result["estimate_peak"] + 64 * 2**20, result
     assert grown < result["resident"] + 0.5 * half["resident"], (result, half)
+
+
+def _load_test_checkpoint(tmp_path: Path) -> Path:
+    shape = LlamaShape(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=8000,  # layers dominate, as at 7B, where one tensor's cast temporary is 1% of the weights
+    )
+    # An unpadded tokenizer: 32k added tokens would cost the test more memory than the weights' slack.
+    return write_llama_checkpoint(tmp_path / "base", shape, shard_bytes=64 * 2**20, pad_tokenizer=False)
 
 
 def _measure_load(folder: Path, dtype: str, quantization: str) -> dict[str, int]:
