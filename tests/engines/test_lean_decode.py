@@ -227,3 +227,15 @@ def test_a_layer_whose_weight_was_replaced_falls_back_to_separate_projections() 
     assert decoder is not None
     assert decoder.layers[0].qkv is None and decoder.layers[1].qkv is not None
     assert_steps_match(model, PROMPTS)
+
+
+def test_float32_products_use_onednn_where_the_build_has_it() -> None:
+    from engines.lean_decode import ONEDNN_FLOAT32, dense_linear
+
+    assert ONEDNN_FLOAT32 == torch.backends.mkldnn.is_available()
+    x, weight, bias = torch.randn(8, 1, 64), torch.randn(96, 64), torch.randn(96)
+    fused_member = weight[32:]  # a view into a fused group's buffer, as the lean step passes them
+    torch.testing.assert_close(dense_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
+    torch.testing.assert_close(dense_linear(x, fused_member, None), x @ fused_member.T)
+    half = dense_linear(x.bfloat16(), weight.bfloat16(), None)  # other dtypes keep F.linear
+    assert torch.equal(half, torch.nn.functional.linear(x.bfloat16(), weight.bfloat16()))
