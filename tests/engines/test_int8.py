@@ -269,3 +269,24 @@ def test_rows_on_different_adapters_share_an_int8_batch_and_answer_as_alone(tiny
         assert len(set(alone)) == 3  # each adapter changes the answer
     finally:
         engine.close()
+
+
+def test_qkv_biases_stay_float_beside_int8_weights(tmp_path: Path) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from engines.tiny import build_byte_tokenizer
+    from tests.engines.test_lean_decode import SHAPE, build
+
+    folder = tmp_path / "qwen2"
+    model = build(Qwen2Config, Qwen2ForCausalLM, tie_word_embeddings=False)
+    model.save_pretrained(folder, safe_serialization=True)
+    build_byte_tokenizer().save_pretrained(folder)
+    loaded = _int8_base(folder)
+    q_proj = loaded.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, Int8Linear) and q_proj.bias is not None
+    assert torch.equal(q_proj.bias, model.model.layers[0].self_attn.q_proj.bias)
+    assert LeanDecoder.for_model(loaded.model) is not None
+    reference = _dequantized_reference(folder, loaded.model)
+    with torch.inference_mode():
+        ids = torch.tensor([[token % SHAPE["vocab_size"] for token in PROMPTS[0]]])
+        _close(loaded.model(input_ids=ids).logits, reference(input_ids=ids).logits)
