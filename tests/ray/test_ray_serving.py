@@ -24,6 +24,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 MODELS = ("tiny", *(f"tiny+{name}" for name in ADAPTERS))
 HEADER = "x-peft-gateway-replica"
+#: How long a name's first request is given to reach the ingress's router as "held by this replica".
+ROUTING_SETTLE_SECONDS = 2.0
 
 
 def chat(url: str, model: str, **extra: Any) -> httpx.Response:
@@ -91,11 +93,15 @@ def _connections(process: Any) -> list[Any]:
 
 
 def test_requests_stick_to_the_replica_that_first_loaded_their_adapter(ray_gateway: RayGateway) -> None:
-    # Warm-up: the first request for a name can land before Serve's routing table knows which replica
-    # loaded it; the replica the name settles on by the second request is its owner from then on.
+    # Warm-up: a replica tells Serve's controller which ids it holds, and the controller tells the
+    # ingress's router, asynchronously. On two busy cores that took over a second in CI, and a second
+    # request sent sooner went to the other replica, which then loaded the adapter too (two holders
+    # split the traffic). So each name's first request is followed by a pause before the second; the
+    # replica the name settles on by then is its owner from then on.
     owners = {}
     for name in ADAPTERS:
         chat(ray_gateway.url, f"tiny+{name}")
+        time.sleep(ROUTING_SETTLE_SECONDS)
         owners[name] = chat(ray_gateway.url, f"tiny+{name}").headers[HEADER]
     served: dict[str, Counter[str]] = {name: Counter() for name in ADAPTERS}
     lock = threading.Lock()
