@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from typing import Any
 
@@ -27,9 +28,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, ensure_ascii=False, default=str)
 
 
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to ``sys.stderr`` as it is when a line is logged, not as it was when logging was set up.
+
+    A stream captured once (a test runner's capture, a redirected stderr) can be closed while server
+    threads still log; those lines then raised "I/O operation on closed file" inside logging.
+    """
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass  # StreamHandler.__init__ assigns one; the current sys.stderr is always used instead
+
+
 def configure_logging(log_format: str = "text", level: str = "info") -> None:
     """Route the gateway's, uvicorn's and the libraries' logs through one handler on stderr."""
-    handler = logging.StreamHandler()
+    handler = StderrHandler()
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
