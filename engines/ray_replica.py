@@ -210,12 +210,15 @@ class EngineReplica:
     async def generate(
         self, model_id: str, request: GenerationRequest
     ) -> AsyncGenerator[tuple[str, Any], None]:
-        """Stream ``("replica", name)``, then ``("event", GenerationEvent)``s, or ``("error", exc)``.
+        """Stream ``("replica", name)`` and ``("event", GenerationEvent)``s, or ``("error", exc)``.
 
+        The name travels in the same item as the first event (``("named", (name, event))``): the
+        ingress holds the response's headers until it knows the replica, and every item is a Ray
+        object on the way to the first token. An error before any event is preceded by the name.
         The pool lease is held for the whole stream and released when it ends or is abandoned (the
         ingress closed it, or the client went away), so the variant cannot be evicted under it.
         """
-        yield "replica", self.name
+        named = False
         self._requests += 1
         self._bump(self._waiting, model_id, 1)
         waiting = True
@@ -236,10 +239,16 @@ class EngineReplica:
                             waiting = False
                             self._bump(self._waiting, model_id, -1)
                             self._bump(self._running, model_id, 1)
+                        if not named:
+                            named = True
+                            yield "named", (self.name, event)
+                            continue
                         yield "event", event
             finally:
                 lease.release()
         except EngineError as exc:
+            if not named:
+                yield "replica", self.name
             yield "error", exc
         finally:
             self._bump(self._waiting if waiting else self._running, model_id, -1)

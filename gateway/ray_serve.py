@@ -344,6 +344,10 @@ class ClusterEngine:
                             continue
                         if kind == "error":
                             raise payload
+                        if kind == "named":  # the replica's name with its first event, one Ray item
+                            name, payload = payload
+                            if note is not None:
+                                await note.record(name)
                         last = payload
                         if first is None and (payload.text or payload.done):
                             first = time.perf_counter() - started

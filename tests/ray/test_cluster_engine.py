@@ -121,6 +121,20 @@ def test_a_replica_lost_before_its_first_event_is_replaced_by_a_resend() -> None
     assert handle.streamed == ["tiny+org/a", "tiny+org/a"]
 
 
+def test_the_replica_name_may_come_with_the_first_event_in_one_item() -> None:
+    from gateway.ray_serve import CURRENT_REPLICA, ReplicaNote
+
+    handle = FakeHandle([[("named", ("r1", PARTIAL)), ("event", DONE)]])
+    note = ReplicaNote()
+
+    async def run() -> list[GenerationEvent]:
+        CURRENT_REPLICA.set(note)
+        return await collect(engine(handle), "tiny+org/a")
+
+    assert asyncio.run(run()) == [PARTIAL, DONE]
+    assert note.name == "r1"
+
+
 def test_a_replica_lost_mid_stream_ends_it_with_replica_unavailable() -> None:
     handle = FakeHandle([[("replica", "r1"), ("event", PARTIAL), ray_exceptions.ActorDiedError()]])
     cluster = engine(handle)
