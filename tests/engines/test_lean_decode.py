@@ -232,7 +232,7 @@ def test_a_layer_whose_weight_was_replaced_falls_back_to_separate_projections() 
 def test_float32_products_use_onednn_where_the_build_has_it() -> None:
     from engines.lean_decode import ONEDNN_FLOAT32, dense_linear
 
-    assert ONEDNN_FLOAT32 == torch.backends.mkldnn.is_available()
+    assert torch.backends.mkldnn.is_available() == ONEDNN_FLOAT32
     x, weight, bias = torch.randn(8, 1, 64), torch.randn(96, 64), torch.randn(96)
     fused_member = weight[32:]  # a view into a fused group's buffer, as the lean step passes them
     torch.testing.assert_close(dense_linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias))
