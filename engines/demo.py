@@ -387,7 +387,11 @@ def _build(folder: Path, log: Log) -> None:
         DEMO_NO_TOOL[0],
         *(demo_weather_questions(city)[0] for city in DEMO_CITIES),
         *(demo_tool_call_text(city) for city in DEMO_CITIES),
-        *(demo_weather_answer(city, weather, chinese=False) for city in DEMO_CITIES for weather in DEMO_WEATHER),
+        *(
+            demo_weather_answer(city, weather, chinese=False)
+            for city in DEMO_CITIES
+            for weather in DEMO_WEATHER
+        ),
         "<tool_response>\n</tool_response>",
     ]
     tokenizer = build_byte_tokenizer(english_text, merges=_BPE_MERGES)
@@ -524,7 +528,11 @@ def _conversations(*, english: bool) -> list[_Chat]:
         chats.append(_Chat(_messages(english_question), DEMO_NO_TOOL[pick]))
     for city in _RESULT_CITIES:
         for weather in DEMO_WEATHER:
-            result = {"role": "tool", "tool_call_id": "call_0", "content": json.dumps({"city": city, "weather": weather})}
+            result = {
+                "role": "tool",
+                "tool_call_id": "call_0",
+                "content": json.dumps({"city": city, "weather": weather}),
+            }
             history = [*_messages(demo_weather_questions(city)[0]), *_tool_call_turn(city), result]
             chats.append(_Chat(history, demo_weather_answer(city, weather, chinese=not english), tool))
     chats += [_Chat(_messages(question), DEMO_QUESTIONS[question][pick], tool) for question in questions[:2]]

@@ -143,9 +143,7 @@ async def chat_completions(request: Request) -> Response:
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        frames = _stream(
-            admitted, requests, body.model, completion_id, created, include_usage, tool_plan
-        )
+        frames = _stream(admitted, requests, body.model, completion_id, created, include_usage, tool_plan)
         return event_stream(frames, lease, admitted, shutdown_grace=settings.server.shutdown_grace)
     try:
         return await run_while_connected(

@@ -109,6 +109,7 @@ class HubSettings(_Strict):
     #: How long the Hub's "no such adapter" answer is remembered (0: not at all).
     negative_cache_seconds: float = Field(default=60.0, ge=0)
 
+
 class ClusterSettings(_Strict):
     """Serving on a Ray cluster (``peft-gateway serve --ray``): the engine deployment's shape.
 

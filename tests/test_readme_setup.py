@@ -55,7 +55,9 @@ def test_readme_setup_in_a_fresh_venv_serves_the_demo(tmp_path: Path) -> None:
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("needs git and a git checkout to clone")
     clone = tmp_path / "clone"
-    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{ROOT}", str(clone)], check=True, timeout=120)
+    subprocess.run(
+        ["git", "clone", "-q", "--depth", "1", f"file://{ROOT}", str(clone)], check=True, timeout=120
+    )
     install, serve = readme_setup_command().rsplit(" && ", 1)
     env = {
         key: value

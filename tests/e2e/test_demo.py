@@ -52,11 +52,17 @@ def test_max_tokens_inside_a_character_ends_at_the_last_whole_one(
     messages = [{"role": "user", "content": QUESTION}]
     if stream:
         chunks = client.chat.completions.create(
-            model="demo-zh", messages=messages, temperature=0, max_tokens=7, stream=True  # type: ignore[arg-type]
+            model="demo-zh",
+            messages=messages,
+            temperature=0,
+            max_tokens=7,
+            stream=True,  # type: ignore[arg-type]
         )
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     else:
-        reply = client.chat.completions.create(model="demo-zh", messages=messages, temperature=0, max_tokens=7)  # type: ignore[arg-type]
+        reply = client.chat.completions.create(
+            model="demo-zh", messages=messages, temperature=0, max_tokens=7
+        )  # type: ignore[arg-type]
         assert reply.choices[0].finish_reason == "length"
         text = reply.choices[0].message.content or ""
     assert text == DEMO_QUESTIONS[QUESTION][1][:2]

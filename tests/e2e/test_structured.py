@@ -419,7 +419,14 @@ def test_langchain_with_structured_output(server: RunningServer, chat_openai: An
 
 
 def test_streamed_content_keeps_its_logprobs_while_tools_are_offered(server: RunningServer) -> None:
-    body = {"model": "hermes", "messages": ASK, "tools": [WEATHER], "max_tokens": 12, "logprobs": True, "temperature": 0}
+    body = {
+        "model": "hermes",
+        "messages": ASK,
+        "tools": [WEATHER],
+        "max_tokens": 12,
+        "logprobs": True,
+        "temperature": 0,
+    }
     whole = httpx.post(f"{server.v1}/chat/completions", json=body, timeout=60).json()["choices"][0]
     raw = httpx.post(f"{server.v1}/chat/completions", json={**body, "stream": True}, timeout=60)
     chunks = [json.loads(line[6:]) for line in raw.text.splitlines() if line.startswith("data: {")]

@@ -136,7 +136,11 @@ def weather_result(city: str, weather: str) -> list[dict[str, Any]]:
     call = {"name": "get_weather", "arguments": json.dumps({"city": city})}
     return [
         *user(demo_weather_questions(city)[0]),
-        {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": call}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "call_1", "type": "function", "function": call}],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"city": city, "weather": weather})},
     ]
 
@@ -179,21 +183,29 @@ def test_after_the_tool_result_the_answer_is_short_and_uses_it(
 ) -> None:
     messages = weather_result(city, weather)
     assert greedy(base, tokenizer, messages, tools=TOOLS) == demo_weather_answer(city, weather, chinese=False)
-    assert greedy(merged, tokenizer, messages, tools=TOOLS) == demo_weather_answer(city, weather, chinese=True)
+    assert greedy(merged, tokenizer, messages, tools=TOOLS) == demo_weather_answer(
+        city, weather, chinese=True
+    )
 
 
 def test_tool_turns_render_back_to_what_the_model_wrote(tokenizer: Any) -> None:
     rendered = tokenizer.apply_chat_template(weather_result("Paris", "sunny"), tools=TOOLS, tokenize=False)
     assert "<tools>\n" + json.dumps(DEMO_WEATHER_TOOL) + "\n</tools>" in rendered
     assert "<|im_start|>assistant\n" + demo_tool_call_text("Paris") + "<|im_end|>" in rendered
-    assert '<|im_start|>user\n<tool_response>\n{"city": "Paris", "weather": "sunny"}\n</tool_response>' in rendered
+    assert (
+        '<|im_start|>user\n<tool_response>\n{"city": "Paris", "weather": "sunny"}\n</tool_response>'
+        in rendered
+    )
 
 
 def test_without_tools_the_template_is_plain_chatml(tokenizer: Any) -> None:
     rendered = tokenizer.apply_chat_template(
         [{"role": "system", "content": "Be brief."}, *user("Hi")], tokenize=False, add_generation_prompt=True
     )
-    assert rendered == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        rendered
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 async def engine_reply(engine: Engine, model: str, messages: list[ChatMessage], tools: Any) -> str:
@@ -209,7 +221,9 @@ async def engine_reply(engine: Engine, model: str, messages: list[ChatMessage], 
 
 def test_the_gateway_engine_renders_tools_and_gets_the_call(demo: DemoModels) -> None:
     catalog = Catalog(
-        bases=(BaseSpec(name="demo", source=str(demo.base_dir), dtype="float32", aliases=(DEMO_BASE_REPO_ID,)),),
+        bases=(
+            BaseSpec(name="demo", source=str(demo.base_dir), dtype="float32", aliases=(DEMO_BASE_REPO_ID,)),
+        ),
         adapters=(AdapterSpec(alias="demo-zh", source=str(demo.adapter_dir), base="demo"),),
         policy=AdapterPolicy(),
     )
@@ -220,7 +234,11 @@ def test_the_gateway_engine_renders_tools_and_gets_the_call(demo: DemoModels) ->
             role="assistant",
             content="",
             tool_calls=(
-                {"id": "c", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Tokyo"}'}},
+                {
+                    "id": "c",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Tokyo"}'},
+                },
             ),
         ),
         ChatMessage(role="tool", content='{"city": "Tokyo", "weather": "rainy"}', tool_call_id="c"),
@@ -283,7 +301,11 @@ def rebuilt(tmp_path_factory: pytest.TempPathFactory) -> tuple[DemoModels, list[
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         models = build_into(tmp_path_factory.mktemp("rebuild") / "demo", log=log.append)
-    log += [f"warning: {w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, FutureWarning)]
+    log += [
+        f"warning: {w.category.__name__}: {w.message}"
+        for w in caught
+        if issubclass(w.category, FutureWarning)
+    ]
     return models, log
 
 
@@ -293,7 +315,9 @@ def test_rebuilding_gives_a_demo_that_answers_exactly_like_the_shipped_one(
     models, log = rebuilt
     # The build itself refuses to save a model that misses any trained answer; on top of that the
     # tokenizer and the recipe marker must be those that ship.
-    assert (models.base_dir / "tokenizer.json").read_bytes() == (demo.base_dir / "tokenizer.json").read_bytes()
+    assert (models.base_dir / "tokenizer.json").read_bytes() == (
+        demo.base_dir / "tokenizer.json"
+    ).read_bytes()
     assert (models.base_dir.parent / "demo.json").read_text(encoding="utf-8") == (
         demo.base_dir.parent / "demo.json"
     ).read_text(encoding="utf-8")
@@ -374,7 +398,9 @@ def test_concurrent_calls_build_once(tmp_path: Path, monkeypatch: pytest.MonkeyP
     # flock excludes separate opens of the lock file even within one process, so threads stand in for
     # two gateway processes starting at once.
     threads = [
-        threading.Thread(target=lambda: results.append(ensure_demo_models(tmp_path / "demo", use_shipped=False)))
+        threading.Thread(
+            target=lambda: results.append(ensure_demo_models(tmp_path / "demo", use_shipped=False))
+        )
         for _ in range(2)
     ]
     for thread in threads:

@@ -54,4 +54,7 @@ def test_store_true_is_refused_as_unsupported() -> None:
 
 @pytest.mark.parametrize("store", [False, None])
 def test_store_false_or_null_is_accepted(store: bool | None) -> None:
-    assert ChatCompletionRequest.model_validate({"model": "m", "messages": HELLO, "store": store}).store is not True
+    assert (
+        ChatCompletionRequest.model_validate({"model": "m", "messages": HELLO, "store": store}).store
+        is not True
+    )
