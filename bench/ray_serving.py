@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -41,24 +40,7 @@ class RayGateway(Gateway):
             config.write(
                 f"[cluster]\nnum_replicas = 1\ncpus_per_replica = {cpus}.0\nhealth_check_period_s = 1.0\n"
             )
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway.cli",
-                "serve",
-                "--config",
-                str(self.config),
-                "--port",
-                str(self.port),
-                "--ray",
-                "local",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
+        self.process = self.serve("--ray", "local", env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

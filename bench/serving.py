@@ -112,23 +112,20 @@ class Gateway:
         )
         self.process: subprocess.Popen[bytes] | None = None
 
+    def serve(self, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """``peft-gateway serve`` on this config and port, plus ``extra`` arguments."""
+        command = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config)]
+        return subprocess.Popen(
+            [*command, "--port", str(self.port), *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+
     def __enter__(self) -> Gateway:
         import httpx
 
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gateway.cli",
-                "serve",
-                "--config",
-                str(self.config),
-                "--port",
-                str(self.port),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self.process = self.serve()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:

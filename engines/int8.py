@@ -51,6 +51,19 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     return out.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
 
 
+def int8_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``F.linear`` for int8 weights: one layer's, or a fused group's (the lean step's)."""
+    out = int8_matmul(x, qweight, scales)
+    return out + bias if bias is not None else out
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The float32 matrix int8 rows stand for (tests and references; never per step)."""
+    return qweight.to(torch.float32) * scales.to(torch.float32)[:, None]
+
+
 class Int8Linear(torch.nn.Module):
     """A linear layer whose weight is int8 with one scale per output channel.
 
@@ -80,12 +93,10 @@ class Int8Linear(torch.nn.Module):
         self.bias = torch.nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = int8_matmul(x, self.qweight, self.scales)
-        return out + self.bias if self.bias is not None else out
+        return int8_linear(x, self.qweight, self.scales, self.bias)
 
     def dequantized(self) -> torch.Tensor:
-        """The float32 weight these int8 values stand for (tests and references; never per step)."""
-        return self.qweight.to(torch.float32) * self.scales.to(torch.float32)[:, None]
+        return dequantize(self.qweight, self.scales)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
@@ -124,15 +135,11 @@ class Int8Embedding(torch.nn.Module):
         return rows.to(self.compute_dtype)
 
     def dequantized(self) -> torch.Tensor:
-        return self.qweight.to(torch.float32) * self.scales.to(torch.float32)[:, None]
+        return dequantize(self.qweight, self.scales)
 
 
 #: The scales' dtype: the kernel takes activations and scales in one dtype, and bf16 is its fast path.
 SCALE_DTYPE = torch.bfloat16
-
-
-def is_int8(module: Any) -> bool:
-    return isinstance(module, Int8Linear | Int8Embedding)
 
 
 def compute_dtype_of(layer: Any) -> torch.dtype:
@@ -241,7 +248,7 @@ def quantize_loaded(model: torch.nn.Module, groups: list[tuple[torch.nn.Linear, 
     Peaks at the full-precision model plus its int8 copy; the streaming loader quantizes tensor by
     tensor instead and never holds the full-precision model.
     """
-    originals = {name: tensor for name, tensor in model.state_dict(keep_vars=True).items()}
+    originals = dict(model.state_dict(keep_vars=True))
     compute_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     names = convert_to_int8(model, groups, device, compute_dtype)
     with torch.no_grad():
@@ -253,4 +260,3 @@ def quantize_loaded(model: torch.nn.Module, groups: list[tuple[torch.nn.Linear, 
             bias = originals.pop(name.removesuffix("weight") + "bias", None)
             if bias is not None and isinstance(module, Int8Linear) and module.bias is not None:
                 module.bias.copy_(bias.detach())
-    originals.clear()

@@ -10,8 +10,8 @@ with grouped KV heads.
 
 It covers the architectures whose decoder layer is exactly that (``ARCHITECTURES``); anything else,
 or any layer that is neither a plain ``nn.Linear`` nor the engine's ``Int8Linear`` (bitsandbytes-
-quantized, or still wrapped by peft), keeps the transformers forward. Projections with forward hooks (unmerged multi-LoRA rows) are called as
-modules so the hooks still apply.
+quantized, or still wrapped by peft), keeps the transformers forward. Projections with forward hooks
+(unmerged multi-LoRA rows) are called as modules so the hooks still apply.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engines.int8 import Int8Linear, int8_matmul
+from engines.int8 import Int8Linear, int8_linear
 from engines.kvcache import BatchKVCache
 
 log = logging.getLogger("peft_gateway.lean_decode")
@@ -73,8 +73,7 @@ class _Fused:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.scales is None:
             return dense_linear(x, self.weight, self.bias)
-        out = int8_matmul(x, self.weight, self.scales)
-        return out + self.bias if self.bias is not None else out
+        return int8_linear(x, self.weight, self.scales, self.bias)
 
 
 @dataclass(frozen=True)

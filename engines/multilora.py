@@ -169,7 +169,7 @@ class MultiLora:
                 continue
             stack = self._stacks.get(module)
             rank = max(stack.rank if stack else 0, ranks.get(module, 0))
-            element = torch.empty((), dtype=compute_dtype_of(layer)).element_size()
+            element = compute_dtype_of(layer).itemsize
             total += (
                 max(slots, stack.a.shape[0] if stack else 0)
                 * rank
