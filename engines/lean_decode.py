@@ -3,10 +3,11 @@
 A decode step reads every weight once and does little arithmetic, so on a CPU the time that is not
 spent streaming weights is interpreter and dispatch overhead: transformers' forward pass builds masks,
 position embeddings, cache-update calls and output objects for every layer of every token. This step
-does the same arithmetic, in the same order and dtypes (so it gives the same logits), with about half
-the operator calls: one embedding lookup, per layer two RMS norms, seven projections, rotary embedding,
-an in-place write of the new K/V column into ``BatchKVCache`` and one ``scaled_dot_product_attention``
-with grouped KV heads.
+does the same arithmetic in the same dtypes (so it gives the same logits, to rounding) with about a
+third of the operator calls: one embedding lookup, per layer two RMS norms (one fused call each in
+float32), the projections (q/k/v and gate/up fused into one product each), the rotary embedding of
+every query and key head as one batched product with a per-row rotation matrix, an in-place write of
+the new K/V column into ``BatchKVCache`` and one ``scaled_dot_product_attention`` with grouped KV heads.
 
 It covers the architectures whose decoder layer is exactly that (``ARCHITECTURES``); anything else,
 or any layer that is neither a plain ``nn.Linear`` nor the engine's ``Int8Linear`` (bitsandbytes-
@@ -213,7 +214,12 @@ def _consecutive(tensors: list[Any]) -> torch.Tensor | None:
 
 
 def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
-    """transformers' LlamaRMSNorm: normalise in fp32, cast back, then scale in the model's dtype."""
+    """transformers' LlamaRMSNorm: normalise in fp32, cast back, then scale in the model's dtype.
+
+    In float32 that is exactly ``F.rms_norm``, one operator call instead of seven.
+    """
+    if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
     dtype = x.dtype
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
@@ -221,9 +227,24 @@ def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``[rows, D, D]`` matrices ``R`` with ``x @ R == x * cos + rotate_half(x) * sin`` for each row.
+
+    A decode step has one position per row, so the rotary embedding is one fixed linear map per row:
+    built once per step, it rotates every query and key head of a layer in one batched product, where
+    the element-wise form takes seven operator calls per tensor. Same values; the two products of each
+    output are summed with one rounding instead of two.
+    """
+    half = cos.shape[-1] // 2
+    matrices = torch.diag_embed(cos)
+    # rotate_half(x) = [-x[half:], x[:half]]: output i < half takes -x[i + half], i >= half takes x[i - half].
+    matrices[:, half:, :half].diagonal(dim1=1, dim2=2).copy_(-sin[:, :half])
+    matrices[:, :half, half:].diagonal(dim1=1, dim2=2).copy_(sin[:, half:])
+    return matrices
+
+
+def _hooked(*layers: Projection) -> bool:
+    return any(layer._forward_hooks for layer in layers)
 
 
 class LeanDecoder:
@@ -281,33 +302,44 @@ class LeanDecoder:
         keys: list[torch.Tensor],
         values: list[torch.Tensor],
     ) -> torch.Tensor:
-        """The step on plain tensors (so that ``torch.compile`` can trace it): K/V buffers per layer."""
+        """The step on plain tensors (so that ``torch.compile`` can trace it): K/V buffers per layer.
+
+        Activations are ``[rows, hidden]`` (one position per row), so no product reshapes its input.
+        """
         rows = ids.shape[0]
-        x = self.embed(ids)
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        x = self.embed(ids.view(rows))
         cos, sin = self.rotary(x, positions)
-        cos, sin = cos.view(rows, 1, 1, -1), sin.view(rows, 1, 1, -1)
+        rotation = rotation_matrices(cos.view(rows, head_dim), sin.view(rows, head_dim))
         # One query position per row: the query heads that share a KV head are laid out as that KV
         # head's "query positions", so attention runs on the cache as stored, without repeating K/V.
-        grouped = (rows, self.kv_heads, -1, self.head_dim)
+        group = heads // kv_heads
+        qk_width = (heads + kv_heads) * head_dim
         for layer, layer_keys, layer_values in zip(self.layers, keys, values, strict=True):
             h = _rms_norm(layer.input_norm, x)
-            q, k, v = (
-                t.reshape(grouped) for t in _project_together(layer.qkv, (layer.q, layer.k, layer.v), h)
-            )
-            layer_keys[:rows, :, column : column + 1] = _rotate(k, cos, sin)
-            layer_values[:rows, :, column : column + 1] = v
+            if layer.qkv is not None and not _hooked(layer.q, layer.k, layer.v):
+                qkv = layer.qkv(h)
+                # q and k are adjacent in the fused output: one product rotates both.
+                qk = torch.bmm(qkv[:, :qk_width].view(rows, heads + kv_heads, head_dim), rotation)
+                q, k = qk[:, :heads], qk[:, heads:]
+                v = qkv[:, qk_width:]
+            else:
+                q, k, v = _project_together(layer.qkv, (layer.q, layer.k, layer.v), h)
+                q = torch.bmm(q.reshape(rows, heads, head_dim), rotation)
+                k = torch.bmm(k.reshape(rows, kv_heads, head_dim), rotation)
+            layer_keys[:rows, :, column] = k.view(rows, kv_heads, head_dim)
+            layer_values[:rows, :, column] = v.view(rows, kv_heads, head_dim)
             attended = F.scaled_dot_product_attention(
-                _rotate(q, cos, sin),
+                q.reshape(rows, kv_heads, group, head_dim),
                 layer_keys[:rows, :, : column + 1],
                 layer_values[:rows, :, : column + 1],
                 attn_mask=mask,
             )
-            x = x + _project(layer.o, attended.reshape(rows, 1, -1))
+            x = x + _project(layer.o, attended.reshape(rows, heads * head_dim))
             h = _rms_norm(layer.post_norm, x)
             gate, up = _project_together(layer.gate_up, (layer.gate, layer.up), h)
             x = x + _project(layer.down, F.silu(gate) * up)
-        logits = _project(self.lm_head, _rms_norm(self.final_norm, x))
-        return logits[:, -1]
+        return _project(self.lm_head, _rms_norm(self.final_norm, x))
 
 
 def _padding_mask(kv: BatchKVCache, columns: int, device: Any) -> torch.Tensor | None:

@@ -21,7 +21,7 @@ from transformers import (
 
 from engines.devices import ONEDNN_MIN_ROWS_BF16, decode_kernels
 from engines.kvcache import BatchKVCache
-from engines.lean_decode import LeanDecoder, fuse_projections, unsupported_reason
+from engines.lean_decode import LeanDecoder, fuse_projections, rotation_matrices, unsupported_reason
 from engines.loader import tensor_bytes
 from engines.multilora import LoraWeights, multilora_for
 from engines.tiny import TinyShape
@@ -239,3 +239,14 @@ def test_float32_products_use_onednn_where_the_build_has_it() -> None:
     torch.testing.assert_close(dense_linear(x, fused_member, None), x @ fused_member.T)
     half = dense_linear(x.bfloat16(), weight.bfloat16(), None)  # other dtypes keep F.linear
     assert torch.equal(half, torch.nn.functional.linear(x.bfloat16(), weight.bfloat16()))
+
+
+def test_rotation_matrices_rotate_like_transformers_rotary_embedding() -> None:
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    torch.manual_seed(0)
+    angles = torch.rand(3, 8) * 6
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    heads = torch.randn(3, 5, 16)
+    expected = heads * cos[:, None] + rotate_half(heads) * sin[:, None]
+    torch.testing.assert_close(torch.bmm(heads, rotation_matrices(cos, sin)), expected, atol=1e-6, rtol=0)
