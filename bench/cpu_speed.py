@@ -3,27 +3,33 @@
 Run:  python -m bench.cpu_speed              (about 10 minutes on 2 cores)
       python -m bench.cpu_speed --quick      (32 tokens, fewer requests)
 
+      python -m bench.cpu_speed --llama-server PATH/TO/llama-server   (llama.cpp measured beside it)
+
 On the SmolLM2-135M-shaped model, 64 greedy tokens, streaming through the openai SDK to a real
 ``peft-gateway serve`` subprocess: raw fp32 ``generate`` at batch 1 and 8, then the gateway with
 float32 weights, with ``quantization = "int8"``, and int8 with a rank-8 adapter on every request
 (served unmerged), each with 1 client and with 8 clients (16 requests). Every row is a ratio to raw
 ``generate`` at the same batch size, next to llama.cpp's ratios measured the same way on a 2-core Xeon
-without native bf16 (issue #15): llama.cpp's absolute speed on this machine is not measured here (it is
-not installed), so the comparison is ratio against ratio. Peak RSS of each gateway is reported too.
-Results also go to bench/results/cpu_speed.json.
+without native bf16 (issue #15). With ``--llama-server``, llama.cpp's own server runs the same model
+(f32 and q8_0 GGUF files from ``python -m bench.gguf``) through the same client in the same run, so
+its ratios on this machine are measured rather than carried over. Peak RSS of each server is reported
+too. Results also go to bench/results/cpu_speed.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from bench.models import ensure_smollm2_shaped
-from bench.serving import Gateway, Row, load_test, raw_generate, stream_one
+from bench.serving import Gateway, Row, free_port, load_test, raw_generate, stream_one
 
 #: llama.cpp's server on a 2-core Xeon without avx512_bf16 (issue #15), as ratios to raw fp32
 #: ``generate`` at batch 1 (12.7 tok/s) and batch 8 (50.2 tok/s) measured beside it.
@@ -33,10 +39,72 @@ LLAMA_CPP = {
 }
 
 
-def peak_rss_mib(gateway: Gateway) -> float:
-    assert gateway.process is not None
-    status = Path(f"/proc/{gateway.process.pid}/status").read_text()
+def peak_rss_mib(process: subprocess.Popen[bytes] | None) -> float:
+    assert process is not None
+    status = Path(f"/proc/{process.pid}/status").read_text()
     return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
+class LlamaServer:
+    """llama.cpp's ``llama-server`` on a GGUF file: 8 parallel slots, continuous batching, all cores."""
+
+    def __init__(self, binary: Path, gguf: Path, context_per_slot: int = 1024) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        threads = str(os.cpu_count() or 1)
+        self.command = [
+            str(binary),
+            "-m",
+            str(gguf),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "-t",
+            threads,
+            "-tb",
+            threads,
+            "-np",
+            "8",
+            "-c",
+            str(8 * context_per_slot),
+            "-a",
+            "smol",
+        ]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> LlamaServer:
+        import httpx
+
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"llama-server exited: {' '.join(self.command)}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("llama-server did not start")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+
+def measure_llama_cpp(
+    binary: Path, gguf: Path, kind: str, new_tokens: int, requests: int
+) -> tuple[list[Row], float]:
+    with LlamaServer(binary, gguf) as server:
+        stream_one(server.url, "smol", 4)  # warm-up
+        rows = [
+            load_test(server.url, ["smol"], 1, 3, new_tokens, f"llama.cpp {kind}, 1 client"),
+            load_test(server.url, ["smol"], 8, requests, new_tokens, f"llama.cpp {kind}, 8 clients"),
+        ]
+        return rows, peak_rss_mib(server.process)
 
 
 def cpu_class() -> str:
@@ -59,7 +127,7 @@ def measure(
             load_test(gateway.url, [model], 1, 3, new_tokens, f"gateway {label}, 1 client"),
             load_test(gateway.url, [model], 8, requests, new_tokens, f"gateway {label}, 8 clients"),
         ]
-        return rows, peak_rss_mib(gateway)
+        return rows, peak_rss_mib(gateway.process)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="32 tokens and 8 requests at 8 clients")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "cpu_speed.json")
+    parser.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server binary: measure it too")
+    parser.add_argument(
+        "--gguf-dir",
+        type=Path,
+        default=Path.home() / ".cache" / "peft-gateway" / "bench" / "gguf",
+        help="where python -m bench.gguf wrote the model's f32 and q8_0 files",
+    )
     args = parser.parse_args(argv)
     new_tokens = 32 if args.quick else 64
     requests = 8 if args.quick else 16
@@ -77,20 +152,29 @@ def main(argv: list[str] | None = None) -> int:
     raw8 = raw_generate(base, "float32", 8, new_tokens)
     reference = {"1 client": raw1.tokens_per_second, "8 clients": raw8.tokens_per_second}
     results: list[dict[str, Any]] = []
-    for quantization, model in (("none", "smol"), ("int8", "smol"), ("int8", "smol+lora-00")):
-        rows, peak = measure(
-            base,
-            adapter_root,
-            quantization=quantization,
-            model=model,
-            new_tokens=new_tokens,
-            requests=requests,
-        )
+
+    def record(rows: list[Row], peak: float) -> None:
         for row in rows:
             clients = "1 client" if row.name.endswith("1 client") else "8 clients"
             results.append(
                 {**asdict(row), "vs_raw": row.tokens_per_second / reference[clients], "peak_rss_mib": peak}
             )
+
+    if args.llama_server is not None:
+        for kind in ("f32", "q8_0"):
+            gguf = args.gguf_dir / f"smollm2-135m-shaped-{kind}.gguf"
+            record(*measure_llama_cpp(args.llama_server, gguf, kind, new_tokens, requests))
+    for quantization, model in (("none", "smol"), ("int8", "smol"), ("int8", "smol+lora-00")):
+        record(
+            *measure(
+                base,
+                adapter_root,
+                quantization=quantization,
+                model=model,
+                new_tokens=new_tokens,
+                requests=requests,
+            )
+        )
 
     print(
         f"\nCPU: {cpu_class()}; raw fp32 generate: {raw1.tokens_per_second:.1f} tok/s (batch 1), "

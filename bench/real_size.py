@@ -13,6 +13,9 @@ tokens/s for the base and the adapter at 1 and 8 concurrent streams, each beside
     python -m bench.real_size --root /big/scratch                 # CPU, default config
     python -m bench.real_size --root /big/scratch --device cuda --adapter-mode merge multi
     python -m bench.real_size --root /tmp/rs --shape small        # the same path at 50 MB, for a smoke run
+    python -m bench.real_size --root /big/scratch --llama-server PATH/TO/llama-server --gguf FILE.gguf
+        # llama.cpp's server on the same checkpoint (converted by ``python -m bench.gguf --model``),
+        # same prompt, tokens and clients, prompt cache on as the gateway's prefix cache is
 
 Each ``adapter_mode`` runs in its own process, so peak RSS is that configuration's own.
 """
@@ -251,6 +254,45 @@ def scenario(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def llama_cpp_rates(
+    binary: Path, gguf: Path, clients: list[int], tokens: int, repeats: int
+) -> dict[str, Any]:
+    """llama.cpp's server on the same prompt: best tokens/s over ``repeats`` runs per client count, peak RSS.
+
+    Counted as ``stream_rate`` counts the gateway: tokens over the whole request, the repeated prompt
+    served from each server's prompt cache after the warm-up.
+    """
+    import asyncio
+
+    import httpx
+
+    from bench.cpu_speed import LlamaServer
+
+    async def one(client: httpx.AsyncClient, url: str) -> int:
+        body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
+        response = await client.post(f"{url}/v1/completions", json=body, timeout=3600)
+        return int(response.raise_for_status().json()["usage"]["completion_tokens"])
+
+    async def rate(url: str, count: int) -> float:
+        async with httpx.AsyncClient() as client:
+            started = time.perf_counter()
+            produced = await asyncio.gather(*(one(client, url) for _ in range(count)))
+            return sum(produced) / (time.perf_counter() - started)
+
+    result: dict[str, Any] = {}
+    started = time.perf_counter()
+    with LlamaServer(binary, gguf, context_per_slot=512) as server:
+        result["llama_cpp_start_s"] = round(time.perf_counter() - started, 2)
+        asyncio.run(rate(server.url, max(clients)))  # warm-up, and the prompt into every slot's cache
+        for count in clients:
+            best = max(asyncio.run(rate(server.url, count)) for _ in range(repeats))
+            result[f"llama_cpp_{count}_tok_s"] = round(best, 3)
+        assert server.process is not None
+        status = Path(f"/proc/{server.process.pid}/status").read_text()
+        result["llama_cpp_peak_rss_gib"] = round(int(status.split("VmHWM:")[1].split()[0]) / 2**20, 2)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -266,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quantization", default="none", choices=("none", "int8"), help="the base's quantization (int8: CPU)"
     )
+    parser.add_argument("--llama-server", type=Path, help="also measure llama.cpp's llama-server on --gguf")
+    parser.add_argument("--gguf", type=Path, help="the checkpoint as GGUF (python -m bench.gguf --model)")
     parser.add_argument("--scenario", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     hub = args.root / args.shape / "hub"
@@ -276,6 +320,12 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(scenario(args)))
         return
     ensure_checkpoints(args.root, args.shape)
+    if args.llama_server is not None:
+        if args.gguf is None:
+            parser.error("--llama-server needs --gguf")
+        print(
+            json.dumps(llama_cpp_rates(args.llama_server, args.gguf, args.clients, args.tokens, args.repeats))
+        )
     for mode in args.adapter_mode:
         print(json.dumps(run_scenario(args, mode), indent=1))
 
