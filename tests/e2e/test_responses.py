@@ -30,7 +30,9 @@ def post(server: RunningServer, **body: Any) -> httpx.Response:
 
 def test_plain_create_returns_a_response_with_output_text(tiny_server: RunningServer) -> None:
     # Greedy: a sampled answer may be a lone end-of-text token, and then output_text is rightly empty.
-    response = client(tiny_server).responses.create(model="tiny", input="Hello", max_output_tokens=6, temperature=0)
+    response = client(tiny_server).responses.create(
+        model="tiny", input="Hello", max_output_tokens=6, temperature=0
+    )
     assert response.id.startswith("resp_") and response.object == "response"
     assert response.model == "tiny" and response.output_text
     message = response.output[0]
