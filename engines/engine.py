@@ -152,6 +152,14 @@ class Engine:
     def catalog(self, value: Catalog) -> None:
         self.pool.catalog = value
 
+    def loaded_model_names(self) -> list[tuple[str, str]]:
+        """``(pool key or public name, public name)`` of every loaded model: metric labels learn these."""
+        return [
+            (alias, entry.loaded.name)
+            for entry in self.pool.entries()
+            for alias in (entry.key, entry.loaded.name)
+        ]
+
     def models(self) -> list[ModelInfo]:
         """Configured bases and adapters, plus every loaded variant, with ``parent``/``root``."""
         loaded = {entry.key: entry for entry in self.pool.entries()}

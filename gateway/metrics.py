@@ -8,7 +8,7 @@ are never stale.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
+from engines.catalog import Catalog
 from engines.engine import Engine, GenerationReport
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -24,6 +25,15 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 OTHER = "other"
 #: At most this many model label values are learned from loaded models; later ones count as "other".
 MAX_MODEL_LABELS = 256
+
+
+class ModelNames(Protocol):
+    """Where model labels come from: the in-process ``Engine``, or the Ray ingress's ``ClusterEngine``."""
+
+    @property
+    def catalog(self) -> Catalog: ...
+
+    def loaded_model_names(self) -> list[tuple[str, str]]: ...
 
 
 class ModelLabels:
@@ -39,18 +49,16 @@ class ModelLabels:
         self.limit = limit
         self._learned: dict[str, str] = {}  # pool key or model id -> label
 
-    def learn(self, engine: Engine) -> None:
-        for entry in engine.pool.entries():
-            name = entry.loaded.name
-            for alias in (entry.key, name):
-                if alias not in self._learned and len(self._learned) < self.limit:
-                    self._learned[alias] = name
+    def learn(self, source: ModelNames) -> None:
+        for alias, name in source.loaded_model_names():
+            if alias not in self._learned and len(self._learned) < self.limit:
+                self._learned[alias] = name
 
-    def label(self, engine: Engine, name: str) -> str:
+    def label(self, source: ModelNames, name: str) -> str:
         learned = self._learned.get(name)
         if learned is not None:
             return learned
-        catalog = engine.catalog
+        catalog = source.catalog
         if any(name == base.name for base in catalog.bases):
             return name
         if any(name == f"{adapter.base}+{adapter.alias}" for adapter in catalog.adapters):
@@ -160,6 +168,7 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self._engine: Engine | None = None
+        self._names: ModelNames | None = None
         self.labels = ModelLabels()
         self.registry.register(_EngineCollector(lambda: self._engine, self.labels))
         # Token counts per request id until the access log line is written (popped there).
@@ -167,6 +176,7 @@ class GatewayMetrics:
 
     def attach(self, engine: Engine) -> None:
         self._engine = engine
+        self._names = engine
         engine.reporters.append(self.record_generation)
 
     def record_request(self, path: str, status: int, seconds: float) -> None:
@@ -207,11 +217,15 @@ class GatewayMetrics:
             if report.completion_tokens > 1 and decode_seconds > 0:
                 self.tokens_per_second.labels(model).observe((report.completion_tokens - 1) / decode_seconds)
 
+    def label_models_from(self, source: ModelNames) -> None:
+        """Label generations by ``source``'s models where no local engine is attached (the Ray ingress)."""
+        self._names = source
+
     def _model_label(self, model: str) -> str:
-        if self._engine is None:
+        if self._names is None:
             return OTHER
-        self.labels.learn(self._engine)
-        return self.labels.label(self._engine, model)
+        self.labels.learn(self._names)
+        return self.labels.label(self._names, model)
 
     def pop_usage(self, request_id: str) -> tuple[str, int, int] | None:
         """(model, prompt tokens, completion tokens) of a finished request, for its access log line."""

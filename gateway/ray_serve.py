@@ -376,6 +376,12 @@ class ClusterEngine:
             for reporter in self.reporters:
                 reporter(report)
 
+    def loaded_model_names(self) -> list[tuple[str, str]]:
+        """``(routing key or model id, model id)`` of every model a replica described to this ingress."""
+        return [
+            (alias, facts.model_id) for key, facts in self._facts.items() for alias in (key, facts.model_id)
+        ]
+
     def models(self) -> list[ModelInfo]:
         """What any replica serves: configured names, plus every variant loaded anywhere."""
         rows: dict[str, ModelInfo] = {}
@@ -509,6 +515,7 @@ def cluster_engine_factory(
         directory = ray.get_actor(DIRECTORY_NAME, namespace=directory_namespace)
         engine = ClusterEngine(settings=settings, handle=engine_handle, directory=directory)
         engine.reporters.append(metrics.record_generation)
+        metrics.label_models_from(engine)
         metrics.registry.register(ReplicaCollector(engine))
         engine.start()
         return engine

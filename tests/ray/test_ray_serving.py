@@ -204,6 +204,8 @@ def test_models_and_metrics_show_every_replica(ray_gateway: RayGateway) -> None:
     assert len(info) == 2 and all('max_lora="16"' in line for line in info)
     assert all("running_lora_adapters=" in line and "waiting_lora_adapters=" in line for line in info)
     assert 'peft_gateway_replica_requests_total{replica="SERVE_REPLICA::' in metrics
+    # The ingress's own generation metrics name the model, as single-process serving's do.
+    assert 'peft_gateway_time_to_first_token_seconds_count{model="tiny+lora-a"}' in metrics
 
 
 def test_errors_keep_their_openai_shape(ray_gateway: RayGateway) -> None:
