@@ -23,13 +23,12 @@ import json
 import os
 import platform
 import subprocess
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from bench.models import ensure_smollm2_shaped
-from bench.serving import Gateway, Row, free_port, load_test, raw_generate, stream_one
+from bench.serving import Gateway, Row, free_port, load_test, raw_generate, stream_one, wait_until_up
 
 #: llama.cpp's server on a 2-core Xeon without avx512_bf16 (issue #15), as ratios to raw fp32
 #: ``generate`` at batch 1 (12.7 tok/s) and batch 8 (50.2 tok/s) measured beside it.
@@ -74,20 +73,9 @@ class LlamaServer:
         self.process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> LlamaServer:
-        import httpx
-
         self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"llama-server exited: {' '.join(self.command)}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("llama-server did not start")
+        wait_until_up(self.process, f"{self.url}/health", " ".join(self.command))
+        return self
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None:

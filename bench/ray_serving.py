@@ -14,7 +14,9 @@ Results also go to bench/results/ray_serving.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -22,9 +24,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from bench.models import ensure_smollm2_shaped
-from bench.serving import Gateway, Row, load_test, stream_one
+from bench.serving import Gateway, Row, load_test, wait_until_up
 
 LEVELS = ((1, 3), (8, 16))  # (clients, requests)
 QUICK_LEVELS = ((1, 2), (8, 8))
@@ -37,7 +40,6 @@ class RayGateway(Gateway):
     engine_threads = 0
 
     def __enter__(self) -> RayGateway:
-        import httpx
 
         with self.config.open("a") as config:
             # The replica reserves every core, as the direct server uses them: Ray sets a task's
@@ -48,17 +50,8 @@ class RayGateway(Gateway):
                 f"[cluster]\nnum_replicas = 1\ncpus_per_replica = {cpus}.0\nhealth_check_period_s = 1.0\n"
             )
         self.process = self.serve("--ray", "local", env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError("peft-gateway serve --ray local exited")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("the Ray gateway did not become ready")
+        wait_until_up(self.process, f"{self.url}/ready", "peft-gateway serve --ray local", 600, 0.5)
+        return self
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None:
@@ -69,6 +62,21 @@ class RayGateway(Gateway):
                 self.process.kill()
 
 
+@functools.cache
+def _http(url: str) -> Any:
+    """One keep-alive HTTP client per gateway, as a long-lived client keeps its connection."""
+    import httpx
+
+    return httpx.Client(base_url=url, timeout=120)
+
+
+@functools.cache
+def _openai(url: str) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=120)
+
+
 def _timed(probe: Callable[[str], object], url: str) -> float:
     started = time.perf_counter()
     probe(url)
@@ -76,21 +84,30 @@ def _timed(probe: Callable[[str], object], url: str) -> float:
 
 
 def _first_token(url: str) -> float:
-    """Time to the first streamed token of a one-token answer to a two-token prompt."""
-    return stream_one(url, "smol", 1, prompt="Hi")[0] * 1000
+    """Time to the first streamed token of a one-token chat answer to a two-token prompt (openai SDK)."""
+    started = time.perf_counter()
+    stream = _openai(url).chat.completions.create(
+        model="smol",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=1,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    first = float("nan")
+    for chunk in stream:
+        if math.isnan(first) and chunk.choices and chunk.choices[0].delta.content:
+            first = (time.perf_counter() - started) * 1000
+    return first
 
 
 def _whole_completion(url: str) -> object:
-    import httpx
-
     body = {"model": "smol", "prompt": "Hi", "max_tokens": 1, "temperature": 0}
-    return httpx.post(f"{url}/v1/completions", json=body, timeout=120).raise_for_status()
+    return _http(url).post("/v1/completions", json=body).raise_for_status()
 
 
 def _models(url: str) -> object:
-    import httpx
-
-    return httpx.get(f"{url}/v1/models", timeout=60).raise_for_status()
+    return _http(url).get("/v1/models").raise_for_status()
 
 
 HOP_PROBES: dict[str, Callable[[str], float]] = {
@@ -105,7 +122,8 @@ def paired_hop_ms(direct_url: str, ray_url: str, pairs: int = 25) -> list[dict[s
 
     Prefill and decode of a one-token answer are small, and alternating the two servers request by
     request means both see the same machine state, so the median of the paired differences is the hop
-    rather than this shared machine's drift between two phases.
+    rather than this shared machine's drift between two phases. Each gateway gets one long-lived
+    client (keep-alive), as an application's openai client is.
     """
     results: list[dict[str, float | str]] = []
     for name, probe in HOP_PROBES.items():

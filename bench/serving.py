@@ -88,6 +88,25 @@ def free_port() -> int:
 ADMIN_KEY = "bench-admin"
 
 
+def wait_until_up(
+    process: subprocess.Popen[bytes], url: str, what: str, timeout: float = 120, pause: float = 0.2
+) -> None:
+    """Poll ``url`` until it answers 200; fail at once if ``process`` exits, or after ``timeout`` s."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(pause)
+    raise RuntimeError(f"{what} did not start within {timeout:.0f} s")
+
+
 class Gateway:
     """``peft-gateway serve`` in a subprocess with a generated config."""
 
@@ -123,17 +142,9 @@ class Gateway:
         )
 
     def __enter__(self) -> Gateway:
-        import httpx
-
         self.process = self.serve()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise RuntimeError("gateway did not start")
+        wait_until_up(self.process, f"{self.url}/health", "peft-gateway serve")
+        return self
 
     def __exit__(self, *exc: object) -> None:
         if self.process is not None:
