@@ -83,15 +83,20 @@ class LlamaServer:
             self.process.wait(timeout=30)
 
 
+def one_and_eight_clients(url: str, model: str, label: str, new_tokens: int, requests: int) -> list[Row]:
+    """A warm-up request, then 1 client (3 requests) and 8 clients (``requests``), as the issue measured."""
+    stream_one(url, model, 4)
+    return [
+        load_test(url, [model], 1, 3, new_tokens, f"{label}, 1 client"),
+        load_test(url, [model], 8, requests, new_tokens, f"{label}, 8 clients"),
+    ]
+
+
 def measure_llama_cpp(
     binary: Path, gguf: Path, kind: str, new_tokens: int, requests: int
 ) -> tuple[list[Row], float]:
     with LlamaServer(binary, gguf) as server:
-        stream_one(server.url, "smol", 4)  # warm-up
-        rows = [
-            load_test(server.url, ["smol"], 1, 3, new_tokens, f"llama.cpp {kind}, 1 client"),
-            load_test(server.url, ["smol"], 8, requests, new_tokens, f"llama.cpp {kind}, 8 clients"),
-        ]
+        rows = one_and_eight_clients(server.url, "smol", f"llama.cpp {kind}", new_tokens, requests)
         return rows, peak_rss_mib(server.process)
 
 
@@ -110,11 +115,7 @@ def measure(
         base, adapter_root, dtype="auto", quantization=quantization, adapter_mode="multi"
     ) as gateway:
         gateway.preload(model)
-        stream_one(gateway.url, model, 4)  # warm-up
-        rows = [
-            load_test(gateway.url, [model], 1, 3, new_tokens, f"gateway {label}, 1 client"),
-            load_test(gateway.url, [model], 8, requests, new_tokens, f"gateway {label}, 8 clients"),
-        ]
+        rows = one_and_eight_clients(gateway.url, model, f"gateway {label}", new_tokens, requests)
         return rows, peak_rss_mib(gateway.process)
 
 

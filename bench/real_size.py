@@ -266,7 +266,7 @@ def llama_cpp_rates(
 
     import httpx
 
-    from bench.cpu_speed import LlamaServer
+    from bench.cpu_speed import LlamaServer, peak_rss_mib
 
     async def one(client: httpx.AsyncClient, url: str) -> int:
         body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
@@ -287,9 +287,7 @@ def llama_cpp_rates(
         for count in clients:
             best = max(asyncio.run(rate(server.url, count)) for _ in range(repeats))
             result[f"llama_cpp_{count}_tok_s"] = round(best, 3)
-        assert server.process is not None
-        status = Path(f"/proc/{server.process.pid}/status").read_text()
-        result["llama_cpp_peak_rss_gib"] = round(int(status.split("VmHWM:")[1].split()[0]) / 2**20, 2)
+        result["llama_cpp_peak_rss_gib"] = round(peak_rss_mib(server.process) / 1024, 2)
     return result
 
 

@@ -46,12 +46,10 @@ def quantize_rows_into(weight: torch.Tensor, qweight: torch.Tensor, scales: torc
 
 def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``x @ (qweight * scales[:, None]).T`` in ``x``'s dtype, through the int8 kernel (bf16 inside)."""
-    if x.dim() == 2:  # the lean decode step's activations: no reshapes
-        product: torch.Tensor = torch.ops.aten._weight_int8pack_mm(x.to(scales.dtype), qweight, scales)
-        return product.to(x.dtype)
-    rows = x.reshape(-1, x.shape[-1])
-    out = torch.ops.aten._weight_int8pack_mm(rows.to(scales.dtype), qweight, scales)
-    return out.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+    flat = x.dim() == 2  # the lean decode step's activations need no reshapes
+    rows = x if flat else x.reshape(-1, x.shape[-1])
+    out: torch.Tensor = torch.ops.aten._weight_int8pack_mm(rows.to(scales.dtype), qweight, scales).to(x.dtype)
+    return out if flat else out.reshape(*x.shape[:-1], qweight.shape[0])
 
 
 def int8_linear(

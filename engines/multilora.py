@@ -242,10 +242,9 @@ class MultiLora:
                 return output + (x @ stack.a[slot].T) @ stack.b[slot].T
             a = stack.a.index_select(0, rows)  # [rows, r, in]
             b = stack.b.index_select(0, rows)  # [rows, out, r]
-            if x.dim() == 2:  # the lean decode step: one position per row, [rows, in]
-                delta = torch.bmm(torch.bmm(x.unsqueeze(1), a.transpose(1, 2)), b.transpose(1, 2))
-                return output + delta.squeeze(1)
-            return output + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+            flat = x.dim() == 2  # the lean decode step: one position per row, [rows, in]
+            delta = torch.bmm(torch.bmm(x.unsqueeze(1) if flat else x, a.transpose(1, 2)), b.transpose(1, 2))
+            return output + (delta.squeeze(1) if flat else delta)
 
         return hook
 

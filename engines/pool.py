@@ -384,10 +384,15 @@ class ModelPool:
             )
         else:
             reason = f"adapter_mode = {spec.adapter_mode!r}"
+        return await self._attach_unmerged(base, files, model_id, reason)
+
+    async def _attach_unmerged(
+        self, base: PoolEntry, files: AdapterFiles, model_id: str, reason: str
+    ) -> LoadedModel:
+        """Room for the adapter's slots on the shared base (evicting idle entries if needed), then attach."""
         registry = multilora_for(base.loaded.model)
-        self.make_room(
-            model_id, registry.added_bytes(files.config, files.weights_file), device, what="unmerged"
-        )
+        needed = registry.added_bytes(files.config, files.weights_file)
+        self.make_room(model_id, needed, base.loaded.device, what="unmerged")
         return await run_on_own_thread(attach_unmerged, base.loaded, files, model_id, reason)
 
     async def _attach_to_int8(
@@ -401,15 +406,8 @@ class ModelPool:
                 f"'{spec.name}' has int8 weights, into which adapters are never merged. Serve it on a base "
                 'configured with quantization = "none".'
             )
-        registry = multilora_for(base.loaded.model)
-        self.make_room(
-            model_id,
-            registry.added_bytes(files.config, files.weights_file),
-            base.loaded.device,
-            what="unmerged",
-        )
         reason = "the base has int8 weights: adapters are applied unmerged on top, never merged into them"
-        return await run_on_own_thread(attach_unmerged, base.loaded, files, model_id, reason)
+        return await self._attach_unmerged(base, files, model_id, reason)
 
     def _lease(self, entry: PoolEntry, model_id: str) -> Lease:
         assert self._live(entry), "an evicted entry must never be leased"

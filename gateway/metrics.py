@@ -176,7 +176,7 @@ class GatewayMetrics:
 
     def attach(self, engine: Engine) -> None:
         self._engine = engine
-        self._names = engine
+        self.label_models_from(engine)
         engine.reporters.append(self.record_generation)
 
     def record_request(self, path: str, status: int, seconds: float) -> None:
