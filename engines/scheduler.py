@@ -265,6 +265,10 @@ class Scheduler:
                 sequence.finished = True
                 continue
             try:
+                if sequence.cache is None and self._start_from_prefix(sequence):
+                    self._prefilling.popleft()
+                    self._join(sequence)
+                    continue
                 budget -= self._prefill_chunk(sequence, budget)
             except Exception as exc:  # a failing forward ends one request, not the engine thread
                 log.exception("prefill failed for %s", sequence.request.request_id)
@@ -286,19 +290,33 @@ class Scheduler:
                     log.exception("first step failed for %s", sequence.request.request_id)
                     sequence.fail(exc)
 
+    def _start_from_prefix(self, sequence: Sequence) -> bool:
+        """Give ``sequence`` its prompt cache, from the longest cached prefix; ``True`` when it can join now.
+
+        When the prefix cache holds all of the prompt but its last token (a repeated prompt: retries,
+        several clients sending the same request), that token needs no forward pass of its own: the row
+        joins its batch and the next decode step computes it beside the other rows, its logits picking
+        the first token. Eight such arrivals then cost one batched step, not eight one-token prefills
+        through the full forward (as llama.cpp batches a new prompt's tokens with running rows).
+        """
+        from transformers import DynamicCache
+
+        prompt = sequence.request.prompt_ids
+        prefixes = self._prefix_cache(sequence.model)
+        # A scored prompt needs every position's logits, which a cached prefix no longer has.
+        scored = sequence.request.prompt_logprobs is not None
+        reused, layers = prefixes.lookup(prompt) if prefixes is not None and not scored else (0, None)
+        sequence.cache = cache_from_prefix(layers, reused) if layers is not None else DynamicCache()
+        sequence.prefilled = reused
+        return reused == len(prompt) - 1 and reused > 0 and sequence.request.max_tokens > 0
+
     def _prefill_chunk(self, sequence: Sequence, budget: int) -> int:
         import torch
-        from transformers import DynamicCache
 
         model = sequence.model.model
         prompt = sequence.request.prompt_ids
         prefixes = self._prefix_cache(sequence.model)
         scored = sequence.request.prompt_logprobs is not None
-        if sequence.cache is None:
-            # A scored prompt needs every position's logits, which a cached prefix no longer has.
-            reused, layers = prefixes.lookup(prompt) if prefixes is not None and not scored else (0, None)
-            sequence.cache = cache_from_prefix(layers, reused) if layers is not None else DynamicCache()
-            sequence.prefilled = reused
         if scored:
             budget = scored_chunk_tokens(int(model.config.get_text_config().vocab_size), budget)
         start = sequence.prefilled
@@ -373,7 +391,7 @@ class Scheduler:
         try:
             kv.reserve(1)
             positions = kv.position_ids()
-            ids = torch.tensor([[s.last_token()] for s in batch.rows], dtype=torch.long, device=kv.device)
+            ids = torch.tensor([[s.next_input()] for s in batch.rows], dtype=torch.long, device=kv.device)
             with adapter_rows(batch.rows), decode_kernels(kv.dtype, kv.device, len(batch.rows)):
                 logits = self._forward_one(batch, kv, ids, positions)
             kv.advance()

@@ -56,8 +56,13 @@ class Sequence:
         """Ask the scheduler to drop this sequence at its next step (called from any thread)."""
         self._cancelled.set()
 
-    def last_token(self) -> int:
-        return self.generated[-1]
+    def next_input(self) -> int:
+        """The token this row feeds the next decode step: its last generated one.
+
+        A row that joined its batch with only its prompt's last token left to compute (the rest came
+        from the prefix cache) feeds that token, and the step's logits pick its first generated token.
+        """
+        return self.generated[-1] if self.generated else self.request.prompt_ids[-1]
 
     def step(self) -> None:
         """Pick a token from ``self.logits``, emit its text, and mark the sequence finished if done."""

@@ -12,6 +12,7 @@ import pytest
 from engines.catalog import AdapterPolicy, AdapterSpec, BaseSpec, Catalog
 from engines.engine import Engine, EngineLimits
 from engines.lean_decode import LeanDecoder
+from engines.prompts import encode_text
 from engines.sampling import SamplingParams
 from tests.conftest import TinyModels
 
@@ -144,6 +145,31 @@ def test_prefix_reuse_never_changes_an_answer_and_is_per_model(engine: Engine) -
         assert base.prefix_cache is not variant.prefix_cache
         assert base.prefix_cache.hits >= 1 and variant.prefix_cache.hits >= 1
         assert base.prefix_cache.reused_tokens >= len(system) - 1
+
+    asyncio.run(scenario())
+
+
+def test_a_repeated_prompt_joins_the_batch_with_its_last_token_instead_of_a_prefill(engine: Engine) -> None:
+    """With all but its last token cached, a prompt runs no forward of its own; its answer is unchanged."""
+    prompt = "A prompt long enough to be kept whole in the prefix cache. " * 2
+
+    async def scenario() -> None:
+        engine.scheduler.prefix_cache_bytes = 0
+        cold = [await generate(engine, model, prompt, n=16) for model in ("tiny", "tiny+lora")]
+        engine.scheduler.prefix_cache_bytes = 64 * 2**20
+        assert [await generate(engine, model, prompt, n=16) for model in ("tiny", "tiny+lora")] == cold
+        prefilled = engine.scheduler.stats.prefill_tokens
+        # Repeats, alone and four at once beside a row that is mid-answer: no prompt token prefilled.
+        assert [await generate(engine, model, prompt, n=16) for model in ("tiny", "tiny+lora")] == cold
+        lease = await engine.acquire("tiny")
+        other_tokens = len(encode_text(lease.loaded.tokenizer, PROMPTS[1], add_special_tokens=True))
+        lease.release()
+        other = asyncio.create_task(generate(engine, "tiny", PROMPTS[1], n=60))
+        await asyncio.sleep(0.05)
+        together = await asyncio.gather(*(generate(engine, "tiny", prompt, n=16) for _ in range(4)))
+        assert list(together) == [cold[0]] * 4
+        await other
+        assert engine.scheduler.stats.prefill_tokens == prefilled + other_tokens
 
     asyncio.run(scenario())
 
