@@ -10,6 +10,7 @@ goes first. Only the engine thread touches it, so it needs no lock.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -96,3 +97,24 @@ def cache_from_prefix(layers: list[tuple[torch.Tensor, torch.Tensor]], length: i
 
     data = [(k[:, :length].unsqueeze(0).clone(), v[:, :length].unsqueeze(0).clone()) for k, v in layers]
     return DynamicCache(data)
+
+
+@dataclass(frozen=True)
+class _LayerView:
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
+class PrefixView:
+    """The first ``length`` tokens of a cached prefix, read in place: what ``BatchKVCache.add_row`` reads.
+
+    A row that joins its batch straight from the prefix cache is copied into the batch's buffers once;
+    building a ``DynamicCache`` first would copy the prefix twice, through a prompt-sized temporary.
+    """
+
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> None:
+        self.layers = [_LayerView(k[:, :length].unsqueeze(0), v[:, :length].unsqueeze(0)) for k, v in layers]
+        self._length = length
+
+    def get_seq_length(self) -> int:
+        return self._length

@@ -32,7 +32,7 @@ from engines.kvcache import BatchKVCache
 from engines.lean_decode import LeanDecoder
 from engines.loader import LoadedModel
 from engines.memory import MemoryBudget, MemoryBudgets, mib
-from engines.prefix_cache import PrefixCache, cache_from_prefix
+from engines.prefix_cache import PrefixCache, PrefixView, cache_from_prefix
 from engines.prompt_logprobs import score_rows, scored_chunk_tokens
 from engines.sequence import Sequence
 
@@ -306,9 +306,14 @@ class Scheduler:
         # A scored prompt needs every position's logits, which a cached prefix no longer has.
         scored = sequence.request.prompt_logprobs is not None
         reused, layers = prefixes.lookup(prompt) if prefixes is not None and not scored else (0, None)
-        sequence.cache = cache_from_prefix(layers, reused) if layers is not None else DynamicCache()
         sequence.prefilled = reused
-        return reused == len(prompt) - 1 and reused > 0 and sequence.request.max_tokens > 0
+        if layers is None:
+            sequence.cache = DynamicCache()
+            return False
+        joins = reused == len(prompt) - 1 and sequence.request.max_tokens > 0
+        # A joining row is copied into the batch at once, from the entry itself.
+        sequence.cache = PrefixView(layers, reused) if joins else cache_from_prefix(layers, reused)
+        return joins
 
     def _prefill_chunk(self, sequence: Sequence, budget: int) -> int:
         import torch
