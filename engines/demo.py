@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from engines.paths import cache_home
 from engines.tiny import TinyShape, build_byte_tokenizer, build_llama
 
 DEMO_BASE_NAME = "demo"
@@ -245,12 +246,7 @@ def default_demo_dir() -> Path:
 
     A cache directory because everything in it can be rebuilt from this module at any time.
     """
-    home = os.environ.get("PEFT_GATEWAY_HOME")
-    if home:
-        return Path(home).expanduser() / "demo"
-    cache = os.environ.get("XDG_CACHE_HOME")
-    base = Path(cache).expanduser() if cache else Path.home() / ".cache"
-    return base / "peft-gateway" / "demo"
+    return cache_home() / "demo"
 
 
 def shipped_demo_dir() -> Path:

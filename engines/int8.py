@@ -14,6 +14,12 @@ scalar path (68 and 833 ms), so activations enter it as bf16 and its output is c
 dtype; fbgemm's dynamic int8 linear is faster still at 8 rows but quantizes the activations of the
 whole batch with one scale, so a row's answer would depend on the other requests in its batch.
 
+On an x86 CPU with AVX2 and a C compiler, float32 activations go through ``engines.native``'s kernel
+instead, built at first use: the same int8 weights, read channel by channel and accumulated in float32,
+1.3-2.8x faster than ``_weight_int8pack_mm`` on a small model's matrices and without its bf16 rounding
+of the activations (a 2-core EPYC's int8 decode step: 48-50 -> 23-29 ms at one row, 115 -> 69 ms at
+eight). torch's kernel stays the path everywhere else.
+
 Adapters are never merged into these weights: ``engines.multilora`` hooks add their low-rank terms to
 the int8 product, in the model's dtype.
 """
@@ -23,6 +29,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+from engines.native import Int8Kernel
 
 #: Rows quantized at a time: a few float32 temporaries of 256 rows (34 MiB at 11008 columns), not the matrix.
 _CHUNK_ROWS = 256
@@ -45,10 +53,19 @@ def quantize_rows_into(weight: torch.Tensor, qweight: torch.Tensor, scales: torc
 
 
 def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """``x @ (qweight * scales[:, None]).T`` in ``x``'s dtype, through the int8 kernel (bf16 inside)."""
+    """``x @ (qweight * scales[:, None]).T`` in ``x``'s dtype, never dequantizing the matrix.
+
+    float32 activations on an AVX2 CPU go through the compiled kernel (``engines.native``: float32
+    all through); anything else through torch's kernel, with bf16 activations inside.
+    """
     flat = x.dim() == 2  # the lean decode step's activations need no reshapes
     rows = x if flat else x.reshape(-1, x.shape[-1])
-    out: torch.Tensor = torch.ops.aten._weight_int8pack_mm(rows.to(scales.dtype), qweight, scales).to(x.dtype)
+    kernel = Int8Kernel.load()
+    out: torch.Tensor
+    if kernel is not None and kernel.takes(rows, qweight, scales):
+        out = kernel(rows, qweight, scales)
+    else:
+        out = torch.ops.aten._weight_int8pack_mm(rows.to(scales.dtype), qweight, scales).to(x.dtype)
     return out if flat else out.reshape(*x.shape[:-1], qweight.shape[0])
 
 

@@ -1,0 +1,107 @@
+"""The compiled int8 kernel: float32-exact products where it builds, torch's kernel wherever it cannot."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from engines.int8 import dequantize, int8_matmul
+from engines.native import SWITCH, Int8Kernel, build
+
+needs_compiler = pytest.mark.skipif(
+    shutil.which("cc") is None or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+    reason="no C compiler or no AVX2 on this machine",
+)
+
+
+@pytest.fixture
+def fresh_kernel() -> Iterator[None]:
+    """Each test loads the kernel under its own environment; later tests get the default one back."""
+    Int8Kernel.load.cache_clear()
+    yield
+    Int8Kernel.load.cache_clear()
+
+
+def int8_operands(rows: int, channels: int, columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(rows * 1000 + columns)
+    x = torch.randn(rows, columns, generator=generator)
+    qweight = torch.randint(-127, 128, (channels, columns), dtype=torch.int8, generator=generator)
+    scales = (torch.rand(channels, generator=generator) / 50).to(torch.bfloat16)
+    return x, qweight, scales
+
+
+def relative_error(got: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> float:
+    want = x @ dequantize(qweight, scales).T
+    return float((got - want).abs().max() / want.abs().max())
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])
+@pytest.mark.parametrize("columns", [8, 72, 576])
+def test_native_kernel_gives_the_dequantized_product_in_float32(
+    fresh_kernel: None, rows: int, columns: int
+) -> None:
+    kernel = Int8Kernel.load()
+    assert kernel is not None
+    x, qweight, scales = int8_operands(rows, 13, columns)
+    assert kernel.takes(x, qweight, scales)
+    assert relative_error(kernel(x, qweight, scales), x, qweight, scales) < 1e-6
+
+
+@needs_compiler
+def test_int8_products_keep_float32_activations_where_the_kernel_is_built(fresh_kernel: None) -> None:
+    """torch's kernel rounds activations to bf16 (~3e-3 here); the compiled one does not."""
+    x, qweight, scales = int8_operands(3, 40, 64)
+    assert relative_error(int8_matmul(x, qweight, scales), x, qweight, scales) < 1e-6
+    batched = int8_matmul(x.view(1, 3, 64), qweight, scales)  # 3-D input, as transformers' forward gives
+    assert relative_error(batched.view(3, 40), x, qweight, scales) < 1e-6
+
+
+def test_without_a_compiler_int8_products_fall_back_to_torchs_kernel(
+    fresh_kernel: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("PEFT_GATEWAY_HOME", str(tmp_path))
+    assert Int8Kernel.load() is None
+    x, qweight, scales = int8_operands(2, 16, 64)
+    error = relative_error(int8_matmul(x, qweight, scales), x, qweight, scales)
+    assert 1e-5 < error < 2e-2  # bf16 activations: torch's kernel answered
+
+
+def test_a_failing_build_leaves_no_library_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    compiler = tmp_path / "broken-cc"
+    compiler.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CC", str(compiler))
+    with pytest.raises(OSError, match="broken compiler"):
+        build(tmp_path / "native")
+    assert not any(path.suffix == ".so" for path in (tmp_path / "native").rglob("*"))
+
+
+def test_the_switch_turns_the_kernel_off(fresh_kernel: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SWITCH, "0")
+    assert Int8Kernel.load() is None
+
+
+@needs_compiler
+def test_the_library_is_built_once_and_reused(tmp_path: Path) -> None:
+    first = build(tmp_path)
+    built_at = first.stat().st_mtime_ns
+    assert build(tmp_path) == first and first.stat().st_mtime_ns == built_at
+
+
+@needs_compiler
+def test_shapes_the_kernel_does_not_take_go_to_torchs_kernel(fresh_kernel: None) -> None:
+    kernel = Int8Kernel.load()
+    assert kernel is not None
+    x, qweight, scales = int8_operands(2, 16, 64)
+    strided = torch.cat([x, x], dim=1)[:, :64]  # not contiguous
+    assert not kernel.takes(strided, qweight, scales)
+    assert not kernel.takes(x.to(torch.bfloat16), qweight, scales)
+    assert not kernel.takes(*int8_operands(2, 16, 12))  # 12 columns: not a multiple of 8
+    error = relative_error(int8_matmul(strided, qweight, scales), x, qweight, scales)
+    assert 1e-5 < error < 2e-2  # bf16 activations: torch's kernel answered
