@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from engines.native import Int8Kernel
+from engines.native import NativeKernels
 
 #: Rows quantized at a time: a few float32 temporaries of 256 rows (34 MiB at 11008 columns), not the matrix.
 _CHUNK_ROWS = 256
@@ -60,10 +60,10 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) ->
     """
     flat = x.dim() == 2  # the lean decode step's activations need no reshapes
     rows = x if flat else x.reshape(-1, x.shape[-1])
-    kernel = Int8Kernel.load()
+    kernels = NativeKernels.load()
     out: torch.Tensor
-    if kernel is not None and kernel.takes(rows, qweight, scales):
-        out = kernel(rows, qweight, scales)
+    if kernels is not None and kernels.takes_int8(rows, qweight, scales):
+        out = kernels.int8(rows, qweight, scales)
     else:
         out = torch.ops.aten._weight_int8pack_mm(rows.to(scales.dtype), qweight, scales).to(x.dtype)
     return out if flat else out.reshape(*x.shape[:-1], qweight.shape[0])

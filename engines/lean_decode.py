@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from engines.int8 import Int8Linear, int8_linear
 from engines.kvcache import BatchKVCache
+from engines.native import NativeKernels
 
 log = logging.getLogger("peft_gateway.lean_decode")
 
@@ -52,6 +53,14 @@ ONEDNN_FLOAT32 = _onednn_float32_available()
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A float (not int8) projection of the step's ``[rows, hidden]`` activations.
+
+    float32 on CPU: the compiled kernel (``engines.native``) for up to 16 rows, else oneDNN.
+    """
+    kernels = NativeKernels.load()
+    if kernels is not None and kernels.takes_dense(x, weight):
+        product = kernels.dense(x, weight)
+        return product.add_(bias) if bias is not None else product
     if ONEDNN_FLOAT32 and weight.dtype == torch.float32 and x.dtype == torch.float32 and x.is_cpu:
         out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
         return out

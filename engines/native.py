@@ -1,17 +1,18 @@
-"""The int8 product kernel in ``engines/native/int8_gemm.c``: built with the machine's C compiler at first use.
+"""The decode step's matrix products in ``engines/native/gemm.c``, built with the machine's C compiler.
 
-torch's weight-only int8 kernel (``_weight_int8pack_mm``) is the gateway's portable path, but on a CPU
-without native bf16 it is slow on the small matrices a decode step is made of (2-6 GB/s on 576-column
-matrices, measured on a 2-core AVX2 EPYC, where the memory gives ~15 GB/s) and it rounds activations
-to bf16. The C kernel reads each channel's int8 weights front to back, converts them to float32 in
-registers and accumulates in float32: 1.3-2.8x faster on those matrices and ~1e-7 relative error to
-the dequantized product instead of ~3e-3.
+On a CPU, a decode step's time is its matrix products streaming the weights, and torch's kernels leave
+much of the memory's speed unused on the small matrices a step is made of (measured on a 2-core AVX2
+EPYC whose memory streams ~15 GB/s): its weight-only int8 kernel (``_weight_int8pack_mm``) streams 2-6
+GB/s on 576-column matrices and rounds activations to bf16; oneDNN's float32 product streams 4-13 GB/s
+at one row and 3-5 at eight. The C kernels read each output channel's weights front to back (int8
+converted to float32 in registers) and accumulate in float32: 1.3-2.8x faster on those matrices, and
+int8 products ~1e-7 from the dequantized product instead of ~3e-3.
 
-Building it needs only ``cc`` (``$CC``) with AVX2/FMA/OpenMP support: about a second, once per
-machine, into ``<cache home>/native`` (a file named by the source's and flags' hash, written atomically
-so concurrent processes cannot load a half-written library). Anything that fails (no compiler, a CPU
-without AVX2, a read-only cache, ``PEFT_GATEWAY_NATIVE_KERNELS=0``) leaves ``Int8Kernel.load`` returning
-``None``, logged once, and the gateway keeps torch's kernel: the same answers to bf16 rounding.
+Building needs only ``cc`` (``$CC``) with AVX2/FMA/OpenMP: about a second, once per machine, into
+``<cache home>/native`` (a file named by the source's and flags' hash, written atomically so concurrent
+processes never load a half-written library). Anything that fails (no compiler, a CPU without AVX2, a
+read-only cache, ``PEFT_GATEWAY_NATIVE_KERNELS=0``) leaves ``NativeKernels.load`` returning ``None``,
+logged once, and torch's kernels serve: the same answers, to bf16 rounding for int8.
 """
 
 from __future__ import annotations
@@ -32,68 +33,97 @@ from engines.paths import cache_home
 
 log = logging.getLogger("peft_gateway.native")
 
-SOURCE = Path(__file__).resolve().parent / "native" / "int8_gemm.c"
+SOURCE = Path(__file__).resolve().parent / "native" / "gemm.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 #: Set to ``0`` to keep torch's kernels (comparisons, or a machine where the build misbehaves).
 SWITCH = "PEFT_GATEWAY_NATIVE_KERNELS"
+#: float32 products with more rows than this stay with oneDNN, which catches up from about 32 rows
+#: (measured at 16: 1.3-1.9x for the compiled kernel; at 32: 0.9-1.3x). int8 products have no limit:
+#: the compiled kernel beat torch's from 1 to 256 rows.
+DENSE_MAX_ROWS = 16
 
 
-class Int8Kernel:
-    """``x @ (qweight * scales[:, None]).T`` for float32 ``x`` on the CPU, through the compiled kernel."""
+def _plain(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Operands the kernels take: 2-D, contiguous, on the CPU, float32 activations, 8 | columns."""
+    return (
+        x.dim() == 2
+        and x.dtype == torch.float32
+        and x.is_cpu
+        and weight.is_cpu
+        and x.is_contiguous()
+        and weight.is_contiguous()
+        and weight.dim() == 2
+        and weight.shape[1] == x.shape[1]
+        and weight.shape[1] % 8 == 0
+    )
+
+
+class NativeKernels:
+    """The compiled products: ``int8`` (int8 weights, bf16 scales) and ``dense`` (float32 weights)."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._gemm = library.int8_gemm_f32
-        self._gemm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
-        self._gemm.restype = None
+        self._int8 = library.int8_gemm_f32
+        self._int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+        self._int8.restype = None
+        self._dense = library.f32_gemm
+        self._dense.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
+        self._dense.restype = None
 
     @staticmethod
-    def takes(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
-        """Whether the kernel computes this product (else the caller uses torch's)."""
+    def takes_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
+        """Whether ``int8`` computes this product (else the caller uses torch's kernel)."""
         return (
-            x.dim() == 2
-            and x.dtype == torch.float32
-            and x.is_cpu
-            and qweight.is_cpu
+            _plain(x, qweight)
             and qweight.dtype == torch.int8
             and scales.dtype == torch.bfloat16
-            and x.is_contiguous()
-            and qweight.is_contiguous()
             and scales.is_contiguous()
-            and qweight.shape[1] == x.shape[1]
-            and qweight.shape[1] % 8 == 0
         )
 
-    def __call__(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def takes_dense(x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether ``dense`` computes this product (else the caller uses oneDNN or ``F.linear``)."""
+        return _plain(x, weight) and weight.dtype == torch.float32 and x.shape[0] <= DENSE_MAX_ROWS
+
+    # ctypes releases the GIL for each call: the HTTP thread keeps serving meanwhile.
+    def int8(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """``x @ (qweight * scales[:, None]).T`` in float32."""
         rows, columns = x.shape
-        channels = qweight.shape[0]
-        out = torch.empty(rows, channels, dtype=torch.float32)
-        # ctypes releases the GIL for the call: the HTTP thread keeps serving meanwhile.
-        self._gemm(
+        out = torch.empty(rows, qweight.shape[0], dtype=torch.float32)
+        threads = torch.get_num_threads()
+        self._int8(
             x.data_ptr(),
             qweight.data_ptr(),
             scales.data_ptr(),
             out.data_ptr(),
             rows,
-            channels,
+            out.shape[1],
             columns,
-            torch.get_num_threads(),
+            threads,
         )
+        return out
+
+    def dense(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``x @ weight.T`` in float32."""
+        rows, columns = x.shape
+        out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
+        threads = torch.get_num_threads()
+        self._dense(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, out.shape[1], columns, threads)
         return out
 
     @staticmethod
     @functools.cache
-    def load() -> Int8Kernel | None:
-        """The kernel, built on first call (once per process; the library is process-wide, like a torch op)."""
+    def load() -> NativeKernels | None:
+        """The kernels, built on first call (once per process; the library is process-wide, like a torch op)."""
         if os.environ.get(SWITCH, "1") == "0":
-            log.info("native int8 kernel off (%s=0): torch's kernel serves int8 bases", SWITCH)
+            log.info("native kernels off (%s=0): torch's kernels serve", SWITCH)
             return None
         if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-            log.info("native int8 kernel off: the CPU lacks AVX2")
+            log.info("native kernels off: the CPU lacks AVX2")
             return None
         try:
-            return Int8Kernel(ctypes.CDLL(str(build(cache_home() / "native"))))
+            return NativeKernels(ctypes.CDLL(str(build(cache_home() / "native"))))
         except (OSError, subprocess.SubprocessError) as exc:
-            log.warning("native int8 kernel unavailable, torch's kernel serves int8 bases: %s", exc)
+            log.warning("native kernels unavailable, torch's kernels serve: %s", exc)
             return None
 
 
@@ -102,7 +132,7 @@ def build(folder: Path) -> Path:
     compiler = os.environ.get("CC", "cc")
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    library = folder / f"int8_gemm-{digest}.so"
+    library = folder / f"gemm-{digest}.so"
     if library.exists():
         return library
     if shutil.which(compiler) is None:

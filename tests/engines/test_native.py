@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engines.int8 import dequantize, int8_matmul
-from engines.native import SWITCH, Int8Kernel, build
+from engines.native import DENSE_MAX_ROWS, SWITCH, NativeKernels, build
 
 needs_compiler = pytest.mark.skipif(
     shutil.which("cc") is None or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
@@ -21,9 +21,9 @@ needs_compiler = pytest.mark.skipif(
 @pytest.fixture
 def fresh_kernel() -> Iterator[None]:
     """Each test loads the kernel under its own environment; later tests get the default one back."""
-    Int8Kernel.load.cache_clear()
+    NativeKernels.load.cache_clear()
     yield
-    Int8Kernel.load.cache_clear()
+    NativeKernels.load.cache_clear()
 
 
 def int8_operands(rows: int, channels: int, columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,11 +45,11 @@ def relative_error(got: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, sc
 def test_native_kernel_gives_the_dequantized_product_in_float32(
     fresh_kernel: None, rows: int, columns: int
 ) -> None:
-    kernel = Int8Kernel.load()
+    kernel = NativeKernels.load()
     assert kernel is not None
     x, qweight, scales = int8_operands(rows, 13, columns)
-    assert kernel.takes(x, qweight, scales)
-    assert relative_error(kernel(x, qweight, scales), x, qweight, scales) < 1e-6
+    assert kernel.takes_int8(x, qweight, scales)
+    assert relative_error(kernel.int8(x, qweight, scales), x, qweight, scales) < 1e-6
 
 
 @needs_compiler
@@ -66,7 +66,7 @@ def test_without_a_compiler_int8_products_fall_back_to_torchs_kernel(
 ) -> None:
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("PEFT_GATEWAY_HOME", str(tmp_path))
-    assert Int8Kernel.load() is None
+    assert NativeKernels.load() is None
     x, qweight, scales = int8_operands(2, 16, 64)
     error = relative_error(int8_matmul(x, qweight, scales), x, qweight, scales)
     assert 1e-5 < error < 2e-2  # bf16 activations: torch's kernel answered
@@ -84,7 +84,7 @@ def test_a_failing_build_leaves_no_library_behind(tmp_path: Path, monkeypatch: p
 
 def test_the_switch_turns_the_kernel_off(fresh_kernel: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SWITCH, "0")
-    assert Int8Kernel.load() is None
+    assert NativeKernels.load() is None
 
 
 @needs_compiler
@@ -96,12 +96,52 @@ def test_the_library_is_built_once_and_reused(tmp_path: Path) -> None:
 
 @needs_compiler
 def test_shapes_the_kernel_does_not_take_go_to_torchs_kernel(fresh_kernel: None) -> None:
-    kernel = Int8Kernel.load()
+    kernel = NativeKernels.load()
     assert kernel is not None
     x, qweight, scales = int8_operands(2, 16, 64)
     strided = torch.cat([x, x], dim=1)[:, :64]  # not contiguous
-    assert not kernel.takes(strided, qweight, scales)
-    assert not kernel.takes(x.to(torch.bfloat16), qweight, scales)
-    assert not kernel.takes(*int8_operands(2, 16, 12))  # 12 columns: not a multiple of 8
+    assert not kernel.takes_int8(strided, qweight, scales)
+    assert not kernel.takes_int8(x.to(torch.bfloat16), qweight, scales)
+    assert not kernel.takes_int8(*int8_operands(2, 16, 12))  # 12 columns: not a multiple of 8
     error = relative_error(int8_matmul(strided, qweight, scales), x, qweight, scales)
     assert 1e-5 < error < 2e-2  # bf16 activations: torch's kernel answered
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [1, 3, 8, 16])
+def test_native_dense_kernel_gives_the_float32_product(fresh_kernel: None, rows: int) -> None:
+    kernels = NativeKernels.load()
+    assert kernels is not None
+    x, weight = torch.randn(rows, 96), torch.randn(24, 96)
+    assert kernels.takes_dense(x, weight)
+    want = (x.double() @ weight.double().T).float()
+    torch.testing.assert_close(kernels.dense(x, weight), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_many_rows_and_other_dtypes_keep_torchs_dense_products(fresh_kernel: None) -> None:
+    kernels = NativeKernels.load()
+    assert kernels is not None
+    weight = torch.randn(24, 96)
+    assert not kernels.takes_dense(torch.randn(DENSE_MAX_ROWS + 1, 96), weight)
+    assert not kernels.takes_dense(torch.randn(2, 96).bfloat16(), weight.bfloat16())
+    assert not kernels.takes_dense(torch.randn(2, 1, 96), weight)  # 3-D: transformers' own forward
+
+
+@needs_compiler
+def test_the_lean_step_multiplies_through_the_native_kernels(
+    fresh_kernel: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step's float32 products go through the compiled kernel and its logits stay transformers'."""
+    from tests.engines.test_lean_decode import PROMPTS, assert_steps_match, llama
+
+    calls = {"dense": 0}
+    dense = NativeKernels.dense
+
+    def counted(self: NativeKernels, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        calls["dense"] += 1
+        return dense(self, x, weight)
+
+    monkeypatch.setattr(NativeKernels, "dense", counted)
+    assert_steps_match(llama(), PROMPTS)
+    assert calls["dense"] > 0

@@ -1,0 +1,99 @@
+/* Matrix products for the lean decode step on x86 CPUs with AVX2 and FMA: int8 weights (one bf16 scale
+ * per output channel) and float32 weights, float32 activations and accumulators.
+ *
+ * Built at first use by engines/native.py with the machine's C compiler (cc -O3 -mavx2 -mfma -fopenmp),
+ * loaded with ctypes; without a compiler the gateway keeps torch's kernels. Why, measured on a 2-core
+ * AVX2 EPYC without native bf16, whose memory streams about 15 GB/s: on a small model's 576-column
+ * matrices torch's int8 kernel (_weight_int8pack_mm, bf16 activations) streams 2-6 GB/s and oneDNN's
+ * float32 product 4-13 GB/s at one row, 3-5 GB/s at eight; these stream 5-16 GB/s at one row and 2-10
+ * at eight, because each output channel's weights are read front to back as one stream (short rows
+ * prefetch as well as long ones) and used for up to four rows of activations while in registers.
+ * OpenMP here resolves to the libgomp torch already loaded, so both share one thread pool.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline __m256 load8_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+static inline float hsum(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 1));
+    return _mm_cvtss_f32(lo);
+}
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
+
+/* One output channel n for MB rows (constants in each instantiation), U independent accumulators per
+ * row to hide the FMA latency. The channel's weights are read front to back, one stream, so short rows
+ * (576 columns) prefetch as well as long ones; the MB rows of x come from L1. SCALE is the channel's
+ * factor (its int8 scale, or 1). */
+#define BLOCK(NAME, WTYPE, LOAD, SCALE, MB, U)                                                       \
+    static inline __attribute__((always_inline)) void NAME##_##MB(                                  \
+        const float *x, const WTYPE *w, const uint16_t *scales, float *out, long N, long K, long n, \
+        long m0) {                                                                                   \
+        __m256 acc[MB][U];                                                                           \
+        for (int r = 0; r < MB; r++)                                                                 \
+            for (int u = 0; u < U; u++) acc[r][u] = _mm256_setzero_ps();                             \
+        const WTYPE *wn = w + n * K;                                                                 \
+        const float *xm = x + m0 * K;                                                                \
+        long k = 0;                                                                                  \
+        for (; k + 8 * U <= K; k += 8 * U) {                                                         \
+            for (int u = 0; u < U; u++) {                                                            \
+                __m256 wv = LOAD(wn + k + 8 * u);                                                    \
+                for (int r = 0; r < MB; r++)                                                         \
+                    acc[r][u] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + r * K + k + 8 * u), wv, acc[r][u]); \
+            }                                                                                        \
+        }                                                                                            \
+        for (; k < K; k += 8) {                                                                      \
+            __m256 wv = LOAD(wn + k);                                                                \
+            for (int r = 0; r < MB; r++)                                                             \
+                acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(xm + r * K + k), wv, acc[r][0]);         \
+        }                                                                                            \
+        float s = SCALE;                                                                             \
+        for (int r = 0; r < MB; r++) {                                                               \
+            __m256 total = acc[r][0];                                                                \
+            for (int u = 1; u < U; u++) total = _mm256_add_ps(total, acc[r][u]);                     \
+            out[(m0 + r) * N + n] = hsum(total) * s;                                                 \
+        }                                                                                            \
+    }
+
+#define KERNEL(NAME, WTYPE, LOAD, SCALE)                                                              \
+    BLOCK(NAME, WTYPE, LOAD, SCALE, 1, 8)                                                            \
+    BLOCK(NAME, WTYPE, LOAD, SCALE, 2, 4)                                                            \
+    BLOCK(NAME, WTYPE, LOAD, SCALE, 4, 2)                                                            \
+    static void NAME(const float *x, const WTYPE *w, const uint16_t *scales, float *out, long M,     \
+                     long N, long K, int threads) {                                                  \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)")                            \
+        for (long n = 0; n < N; n++) {                                                               \
+            long m = 0;                                                                              \
+            for (; m + 4 <= M; m += 4) NAME##_4(x, w, scales, out, N, K, n, m);                      \
+            for (; m + 2 <= M; m += 2) NAME##_2(x, w, scales, out, N, K, n, m);                      \
+            for (; m < M; m++) NAME##_1(x, w, scales, out, N, K, n, m);                              \
+        }                                                                                            \
+    }
+
+KERNEL(int8_kernel, int8_t, load8_i8, bf16_to_f32(scales[n]))
+KERNEL(f32_kernel, float, load8_f32, 1.0f)
+
+/* out[M, N] = x[M, K] @ (w[N, K] * scales[N, None]).T, int8 w, bf16 scales. K % 8 == 0 (the caller checks). */
+void int8_gemm_f32(const float *x, const int8_t *w, const uint16_t *scales, float *out, long M, long N,
+                   long K, int threads) {
+    int8_kernel(x, w, scales, out, M, N, K, threads);
+}
+
+/* out[M, N] = x[M, K] @ w[N, K].T, float32 w. K % 8 == 0 (the caller checks). */
+void f32_gemm(const float *x, const float *w, float *out, long M, long N, long K, int threads) {
+    f32_kernel(x, w, 0, out, M, N, K, threads);
+}
