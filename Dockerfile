@@ -10,6 +10,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/data/hf
 
+# A C compiler for the gateway's CPU kernels (engines/native/gemm.c, built at first use; without one
+# torch's slower kernels serve).
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # torch first, from the CPU-only index (the default PyPI wheel pulls in gigabytes of CUDA libraries);
 # the package's own "torch>=2.4,<3" is then already satisfied.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0"
@@ -27,6 +32,8 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin gateway \
     && chown -R gateway:gateway /data
 USER gateway
 WORKDIR /home/gateway
+# Build the CPU kernels now, not on the first request (a CPU without AVX2 keeps torch's kernels).
+RUN python -c "from engines.native import NativeKernels; NativeKernels.load()"
 VOLUME ["/data/hf"]
 
 EXPOSE 8000

@@ -77,6 +77,7 @@ class NativeKernels:
             and qweight.dtype == torch.int8
             and scales.dtype == torch.bfloat16
             and scales.is_contiguous()
+            and tuple(scales.shape) == (qweight.shape[0],)  # the kernel reads one scale per channel
         )
 
     @staticmethod

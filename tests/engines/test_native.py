@@ -103,6 +103,7 @@ def test_shapes_the_kernel_does_not_take_go_to_torchs_kernel(fresh_kernel: None)
     assert not kernel.takes_int8(strided, qweight, scales)
     assert not kernel.takes_int8(x.to(torch.bfloat16), qweight, scales)
     assert not kernel.takes_int8(*int8_operands(2, 16, 12))  # 12 columns: not a multiple of 8
+    assert not kernel.takes_int8(x, qweight, scales[:8])  # a scale missing: never read past the end
     error = relative_error(int8_matmul(strided, qweight, scales), x, qweight, scales)
     assert 1e-5 < error < 2e-2  # bf16 activations: torch's kernel answered
 
