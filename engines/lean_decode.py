@@ -225,9 +225,13 @@ def _consecutive(tensors: list[Any]) -> torch.Tensor | None:
 def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
     """transformers' LlamaRMSNorm: normalise in fp32, cast back, then scale in the model's dtype.
 
-    In float32 that is exactly ``F.rms_norm``, one operator call instead of seven.
+    In float32 that is exactly ``F.rms_norm``, one operator call instead of seven, or one call of the
+    compiled kernel (``engines.native``), which skips torch's dispatch of the seven.
     """
     if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        kernels = NativeKernels.load()
+        if kernels is not None and kernels.takes_rms_norm(x, norm.weight):
+            return kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
         return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
     dtype = x.dtype
     h = x.to(torch.float32)
@@ -300,7 +304,8 @@ class LeanDecoder:
         The caller reserves the column first (``kv.reserve(1)``) and advances the cache afterwards.
         """
         mask = _padding_mask(kv, kv.length + 1, ids.device)
-        return self.forward(ids, positions, mask, kv.length, kv.keys, kv.values)
+        starts = torch.tensor(kv.starts, dtype=torch.long) if kv.device.type == "cpu" else None
+        return self.forward(ids, positions, mask, kv.length, kv.keys, kv.values, starts)
 
     def forward(
         self,
@@ -310,11 +315,15 @@ class LeanDecoder:
         column: int,
         keys: list[torch.Tensor],
         values: list[torch.Tensor],
+        starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The step on plain tensors (so that ``torch.compile`` can trace it): K/V buffers per layer.
 
         Activations are ``[rows, hidden]`` (one position per row), so no product reshapes its input.
+        With ``starts`` (each row's first cache column) and the compiled kernels, float32 attention is
+        one kernel call per layer instead of ``scaled_dot_product_attention`` and its reshapes.
         """
+        kernels = NativeKernels.load() if starts is not None else None
         rows = ids.shape[0]
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         x = self.embed(ids.view(rows))
@@ -338,13 +347,20 @@ class LeanDecoder:
                 k = torch.bmm(k.reshape(rows, kv_heads, head_dim), rotation)
             layer_keys[:rows, :, column] = k.view(rows, kv_heads, head_dim)
             layer_values[:rows, :, column] = v.view(rows, kv_heads, head_dim)
-            attended = F.scaled_dot_product_attention(
-                q.reshape(rows, kv_heads, group, head_dim),
-                layer_keys[:rows, :, : column + 1],
-                layer_values[:rows, :, : column + 1],
-                attn_mask=mask,
-            )
-            x = x + _project(layer.o, attended.reshape(rows, heads * head_dim))
+            if (
+                kernels is not None
+                and starts is not None
+                and kernels.takes_attention(q, layer_keys, layer_values)
+            ):
+                attended = kernels.attention(q, layer_keys, layer_values, starts, column + 1)
+            else:
+                attended = F.scaled_dot_product_attention(
+                    q.reshape(rows, kv_heads, group, head_dim),
+                    layer_keys[:rows, :, : column + 1],
+                    layer_values[:rows, :, : column + 1],
+                    attn_mask=mask,
+                ).reshape(rows, heads * head_dim)
+            x = x + _project(layer.o, attended)
             h = _rms_norm(layer.post_norm, x)
             gate, up = _project_together(layer.gate_up, (layer.gate, layer.up), h)
             x = x + _project(layer.down, F.silu(gate) * up)

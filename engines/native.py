@@ -35,6 +35,7 @@ log = logging.getLogger("peft_gateway.native")
 
 SOURCE = Path(__file__).resolve().parent / "native" / "gemm.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+LIBRARIES = ("-lm",)
 #: Set to ``0`` to keep torch's kernels (comparisons, or a machine where the build misbehaves).
 SWITCH = "PEFT_GATEWAY_NATIVE_KERNELS"
 #: float32 products with more rows than this stay with oneDNN, which catches up from about 32 rows
@@ -68,6 +69,16 @@ class NativeKernels:
         self._dense = library.f32_gemm
         self._dense.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
         self._dense.restype = None
+        self._rms_norm = library.rms_norm_f32
+        self._rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float]
+        self._rms_norm.restype = None
+        self._attention = library.decode_attention_f32
+        pointer, size = ctypes.c_void_p, ctypes.c_long
+        self._attention.argtypes = [
+            *(pointer, size, pointer, pointer, size, size, pointer, size, pointer, pointer),
+            *(size, size, size, size, ctypes.c_float, ctypes.c_int),
+        ]
+        self._attention.restype = None
 
     @staticmethod
     def takes_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
@@ -84,6 +95,39 @@ class NativeKernels:
     def takes_dense(x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether ``dense`` computes this product (else the caller uses oneDNN or ``F.linear``)."""
         return _plain(x, weight) and weight.dtype == torch.float32 and x.shape[0] <= DENSE_MAX_ROWS
+
+    @staticmethod
+    def takes_rms_norm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether ``rms_norm`` computes this norm: float32 rows and weight, 8 | width."""
+        return (
+            x.dim() == 2
+            and x.dtype == torch.float32
+            and x.is_cpu
+            and x.is_contiguous()
+            and x.shape[1] % 8 == 0
+            and weight.dtype == torch.float32
+            and weight.is_cpu
+            and weight.is_contiguous()
+            and tuple(weight.shape) == (x.shape[1],)
+        )
+
+    @staticmethod
+    def takes_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """Whether ``attention`` computes this step: float32 on the CPU, heads of a multiple of 8 floats."""
+        head_dim = keys.shape[-1] if keys.dim() == 4 else 0
+        return (
+            q.dim() == 3
+            and keys.dim() == 4
+            and all(t.dtype == torch.float32 and t.is_cpu for t in (q, keys, values))
+            and keys.is_contiguous()
+            and values.is_contiguous()
+            and keys.shape == values.shape
+            and head_dim % 8 == 0
+            and q.shape[2] == head_dim
+            and q.stride(2) == 1
+            and q.stride(1) == head_dim
+            and q.shape[1] % keys.shape[1] == 0
+        )
 
     # ctypes releases the GIL for each call: the HTTP thread keeps serving meanwhile.
     def int8(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -111,6 +155,50 @@ class NativeKernels:
         self._dense(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, out.shape[1], columns, threads)
         return out
 
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """transformers' float32 ``LlamaRMSNorm``: ``x / sqrt(mean(x**2) + eps) * weight`` per row."""
+        out = torch.empty_like(x)
+        self._rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
+        return out
+
+    def attention(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor, length: int
+    ) -> torch.Tensor:
+        """``[rows, heads * head_dim]``: each row's query heads over its cache columns ``[starts[row], length)``.
+
+        ``q`` is ``[rows, heads, head_dim]``; ``keys``/``values`` the batch cache's whole buffers
+        ``[row capacity, kv heads, column capacity, head_dim]``; scaled by ``1/sqrt(head_dim)`` as
+        ``scaled_dot_product_attention`` does by default.
+        """
+        rows, heads, head_dim = q.shape
+        if starts.dtype != torch.long or not starts.is_contiguous() or starts.numel() != rows:
+            raise ValueError("starts must be one int64 column index per row")
+        if not 0 < length <= keys.shape[2] or rows > keys.shape[0]:
+            raise ValueError(f"{rows} rows x {length} columns exceed the cache's {tuple(keys.shape[:3])}")
+        kv_heads = keys.shape[1]
+        group = heads // kv_heads
+        out = torch.empty(rows, heads * head_dim, dtype=torch.float32)
+        scratch = torch.empty(rows * heads * length, dtype=torch.float32)
+        self._attention(
+            q.data_ptr(),
+            q.stride(0),
+            keys.data_ptr(),
+            values.data_ptr(),
+            keys.stride(0),
+            keys.stride(1),
+            starts.data_ptr(),
+            length,
+            out.data_ptr(),
+            scratch.data_ptr(),
+            rows,
+            kv_heads,
+            group,
+            head_dim,
+            head_dim**-0.5,
+            torch.get_num_threads(),
+        )
+        return out
+
     @staticmethod
     @functools.cache
     def load() -> NativeKernels | None:
@@ -132,7 +220,7 @@ def build(folder: Path) -> Path:
     """The compiled library in ``folder``, compiling it first where it is not there yet."""
     compiler = os.environ.get("CC", "cc")
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source + " ".join((compiler, *FLAGS, *LIBRARIES)).encode()).hexdigest()[:16]
     library = folder / f"gemm-{digest}.so"
     if library.exists():
         return library
@@ -142,7 +230,7 @@ def build(folder: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         partial = Path(scratch) / library.name
         result = subprocess.run(
-            [compiler, *FLAGS, "-o", str(partial), str(SOURCE)],
+            [compiler, *FLAGS, "-o", str(partial), str(SOURCE), *LIBRARIES],
             capture_output=True,
             text=True,
             timeout=120,

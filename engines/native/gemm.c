@@ -12,6 +12,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 static inline __m256 load8_i8(const int8_t *p) {
@@ -96,4 +97,66 @@ void int8_gemm_f32(const float *x, const int8_t *w, const uint16_t *scales, floa
 /* out[M, N] = x[M, K] @ w[N, K].T, float32 w. K % 8 == 0 (the caller checks). */
 void f32_gemm(const float *x, const float *w, float *out, long M, long N, long K, int threads) {
     f32_kernel(x, w, 0, out, M, N, K, threads);
+}
+
+/* out[r] = x[r] * 1/sqrt(mean(x[r]^2) + eps) * weight, float32, K % 8 == 0: transformers' float32
+ * LlamaRMSNorm in one call (torch's takes seven operators, each paying for the caches the previous
+ * product evicted). Rows are few (a decode step's), so one thread. */
+void rms_norm_f32(const float *x, const float *weight, float *out, long M, long K, float eps) {
+    for (long r = 0; r < M; r++) {
+        const float *xr = x + r * K;
+        __m256 acc = _mm256_setzero_ps();
+        for (long k = 0; k < K; k += 8) {
+            __m256 v = _mm256_loadu_ps(xr + k);
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        __m256 scale = _mm256_set1_ps(1.0f / sqrtf(hsum(acc) / (float)K + eps));
+        for (long k = 0; k < K; k += 8) {
+            __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xr + k), scale);
+            _mm256_storeu_ps(out + r * K + k, _mm256_mul_ps(v, _mm256_loadu_ps(weight + k)));
+        }
+    }
+}
+
+/* Attention of one new token per row over its cached keys and values, float32, head size D % 8 == 0.
+ * q: [rows, kv_heads * group, D] with row stride q_row_stride (the query heads that share a KV head are
+ * adjacent, as transformers' repeat_kv orders them); keys/values: the batch cache's buffers,
+ * [row capacity, kv_heads, column capacity, D] with the given row and head strides; row r attends to
+ * columns [starts[r], length) (left padding before starts[r]); out: [rows, kv_heads * group * D];
+ * scratch: rows * kv_heads * group * length floats. Exact two-pass softmax per query head. */
+void decode_attention_f32(const float *q, long q_row_stride, const float *keys, const float *values,
+                          long kv_row_stride, long kv_head_stride, const long *starts, long length,
+                          float *out, float *scratch, long rows, long kv_heads, long group, long D,
+                          float scale, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long task = 0; task < rows * kv_heads; task++) {
+        long r = task / kv_heads, h = task % kv_heads;
+        long n = length - starts[r];
+        const float *K = keys + r * kv_row_stride + h * kv_head_stride + starts[r] * D;
+        const float *V = values + r * kv_row_stride + h * kv_head_stride + starts[r] * D;
+        for (long g = 0; g < group; g++) {
+            const float *qg = q + r * q_row_stride + (h * group + g) * D;
+            float *p = scratch + (task * group + g) * length;
+            float best = -INFINITY;
+            for (long j = 0; j < n; j++) {
+                __m256 acc = _mm256_setzero_ps();
+                for (long d = 0; d < D; d += 8)
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(K + j * D + d), acc);
+                p[j] = hsum(acc) * scale;
+                if (p[j] > best) best = p[j];
+            }
+            float total = 0.0f;
+            for (long j = 0; j < n; j++) {
+                p[j] = expf(p[j] - best);
+                total += p[j];
+            }
+            float *o = out + r * kv_heads * group * D + (h * group + g) * D;
+            for (long d = 0; d < D; d += 8) {
+                __m256 acc = _mm256_setzero_ps();
+                for (long j = 0; j < n; j++)
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(V + j * D + d), acc);
+                _mm256_storeu_ps(o + d, _mm256_mul_ps(acc, _mm256_set1_ps(1.0f / total)));
+            }
+        }
+    }
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -136,13 +137,61 @@ def test_the_lean_step_multiplies_through_the_native_kernels(
     """The step's float32 products go through the compiled kernel and its logits stay transformers'."""
     from tests.engines.test_lean_decode import PROMPTS, assert_steps_match, llama
 
-    calls = {"dense": 0}
-    dense = NativeKernels.dense
+    calls = {"dense": 0, "rms_norm": 0, "attention": 0}
 
-    def counted(self: NativeKernels, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        calls["dense"] += 1
-        return dense(self, x, weight)
+    def counting(name: str) -> Any:
+        kernel = getattr(NativeKernels, name)
 
-    monkeypatch.setattr(NativeKernels, "dense", counted)
-    assert_steps_match(llama(), PROMPTS)
-    assert calls["dense"] > 0
+        def counted(self: NativeKernels, *args: Any) -> torch.Tensor:
+            calls[name] += 1
+            return kernel(self, *args)
+
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(NativeKernels, name, counting(name))
+    assert_steps_match(llama(), PROMPTS)  # left-padded rows: the attention kernel's starts matter
+    assert all(count > 0 for count in calls.values()), calls
+
+
+@needs_compiler
+def test_native_rms_norm_is_transformers_float32_norm(fresh_kernel: None) -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    kernels = NativeKernels.load()
+    assert kernels is not None
+    norm = LlamaRMSNorm(96, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96))
+    x = torch.randn(5, 96) * 3
+    assert kernels.takes_rms_norm(x, norm.weight)
+    assert not kernels.takes_rms_norm(x[:, :48], norm.weight)  # widths differ
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.rms_norm(x, norm.weight, 1e-6), norm(x), rtol=1e-6, atol=1e-6)
+
+
+@needs_compiler
+def test_native_attention_matches_sdpa_over_left_padded_rows(fresh_kernel: None) -> None:
+    """Rows of different lengths (left padding) and grouped query heads, as the batch cache holds them."""
+    kernels = NativeKernels.load()
+    assert kernels is not None
+    rows, kv_heads, group, head_dim, capacity, length = 3, 2, 3, 16, 12, 9
+    keys = torch.randn(4, kv_heads, capacity, head_dim)  # more rows and columns than in use
+    values = torch.randn(4, kv_heads, capacity, head_dim)
+    fused = torch.randn(rows, kv_heads * group + kv_heads, head_dim)
+    q = fused[:, : kv_heads * group]  # a view into the fused q/k output, as the lean step passes it
+    starts = torch.tensor([0, 4, 8])
+    assert kernels.takes_attention(q, keys, values)
+    mask = (torch.arange(length).view(1, 1, 1, -1) >= starts.view(-1, 1, 1, 1)).expand(rows, 1, group, length)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.reshape(rows, kv_heads, group, head_dim),
+        keys[:rows, :, :length],
+        values[:rows, :, :length],
+        attn_mask=mask,
+    ).reshape(rows, -1)
+    got = kernels.attention(q, keys, values, starts, length)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        kernels.attention(q, keys, values, starts, capacity + 1)  # never reads past the buffers
+    with pytest.raises(ValueError):
+        kernels.attention(q, keys, values, starts[:2], length)
