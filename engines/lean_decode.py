@@ -328,25 +328,36 @@ class LeanDecoder:
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         x = self.embed(ids.view(rows))
         cos, sin = self.rotary(x, positions)
-        rotation = rotation_matrices(cos.view(rows, head_dim), sin.view(rows, head_dim))
+        cos, sin = cos.view(rows, head_dim), sin.view(rows, head_dim)
+        rotation: torch.Tensor | None = None  # built on first use: the compiled path needs none
         # One query position per row: the query heads that share a KV head are laid out as that KV
         # head's "query positions", so attention runs on the cache as stored, without repeating K/V.
         group = heads // kv_heads
         qk_width = (heads + kv_heads) * head_dim
         for layer, layer_keys, layer_values in zip(self.layers, keys, values, strict=True):
             h = _rms_norm(layer.input_norm, x)
-            if layer.qkv is not None and not _hooked(layer.q, layer.k, layer.v):
-                qkv = layer.qkv(h)
-                # q and k are adjacent in the fused output: one product rotates both.
-                qk = torch.bmm(qkv[:, :qk_width].view(rows, heads + kv_heads, head_dim), rotation)
-                q, k = qk[:, :heads], qk[:, heads:]
-                v = qkv[:, qk_width:]
+            # Hooked layers (unmerged adapter rows) need each projection's own output: no fused product.
+            qkv = layer.qkv(h) if layer.qkv is not None and not _hooked(layer.q, layer.k, layer.v) else None
+            if (
+                qkv is not None
+                and kernels is not None
+                and kernels.takes_rotary(qkv, cos, layer_keys, layer_values, column)
+            ):
+                q = kernels.rotary_kv(qkv, cos, sin, layer_keys, layer_values, column, heads)
             else:
-                q, k, v = _project_together(layer.qkv, (layer.q, layer.k, layer.v), h)
-                q = torch.bmm(q.reshape(rows, heads, head_dim), rotation)
-                k = torch.bmm(k.reshape(rows, kv_heads, head_dim), rotation)
-            layer_keys[:rows, :, column] = k.view(rows, kv_heads, head_dim)
-            layer_values[:rows, :, column] = v.view(rows, kv_heads, head_dim)
+                if rotation is None:
+                    rotation = rotation_matrices(cos, sin)
+                if qkv is not None:
+                    # q and k are adjacent in the fused output: one product rotates both.
+                    qk = torch.bmm(qkv[:, :qk_width].view(rows, heads + kv_heads, head_dim), rotation)
+                    q, k = qk[:, :heads], qk[:, heads:]
+                    v = qkv[:, qk_width:]
+                else:
+                    q, k, v = _project_together(layer.qkv, (layer.q, layer.k, layer.v), h)
+                    q = torch.bmm(q.reshape(rows, heads, head_dim), rotation)
+                    k = torch.bmm(k.reshape(rows, kv_heads, head_dim), rotation)
+                layer_keys[:rows, :, column] = k.view(rows, kv_heads, head_dim)
+                layer_values[:rows, :, column] = v.view(rows, kv_heads, head_dim)
             if (
                 kernels is not None
                 and starts is not None

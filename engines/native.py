@@ -79,6 +79,12 @@ class NativeKernels:
             *(size, size, size, size, ctypes.c_float, ctypes.c_int),
         ]
         self._attention.restype = None
+        self._rotary = library.rotary_kv_write_f32
+        self._rotary.argtypes = [
+            *(pointer, size, pointer, pointer, pointer, pointer, pointer),
+            *(size, size, size, size, size, size, size),
+        ]
+        self._rotary.restype = None
 
     @staticmethod
     def takes_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
@@ -129,6 +135,26 @@ class NativeKernels:
             and q.shape[1] % keys.shape[1] == 0
         )
 
+    @staticmethod
+    def takes_rotary(
+        qkv: torch.Tensor, cos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, column: int
+    ) -> bool:
+        """Whether ``rotary_kv`` does this step: float32 on the CPU, a column inside the cache."""
+        return (
+            qkv.dim() == 2
+            and cos.dim() == 2
+            and keys.dim() == 4
+            and all(t.dtype == torch.float32 and t.is_cpu for t in (qkv, cos, keys, values))
+            and qkv.stride(1) == 1
+            and cos.is_contiguous()
+            and keys.is_contiguous()
+            and values.is_contiguous()
+            and keys.shape == values.shape
+            and cos.shape == (qkv.shape[0], keys.shape[3])
+            and qkv.shape[0] <= keys.shape[0]
+            and 0 <= column < keys.shape[2]
+        )
+
     # ctypes releases the GIL for each call: the HTTP thread keeps serving meanwhile.
     def int8(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """``x @ (qweight * scales[:, None]).T`` in float32."""
@@ -160,6 +186,48 @@ class NativeKernels:
         out = torch.empty_like(x)
         self._rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
         return out
+
+    def rotary_kv(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        column: int,
+        heads: int,
+    ) -> torch.Tensor:
+        """The rotated queries ``[rows, heads, head_dim]``; rotated keys and values written to ``column``.
+
+        ``qkv`` is the fused q/k/v product of one new position per row; ``cos``/``sin`` ``[rows,
+        head_dim]`` that position's rotary factors. Rows, heads and the column are the caller's
+        checked ``takes_rotary`` operands: the widths must add up to ``(heads + 2 * kv_heads)``.
+        """
+        rows, head_dim, kv_heads = qkv.shape[0], keys.shape[3], keys.shape[1]
+        if (
+            qkv.shape[1] != (heads + 2 * kv_heads) * head_dim
+            or sin.shape != cos.shape
+            or not sin.is_contiguous()
+        ):
+            raise ValueError(f"q/k/v of width {qkv.shape[1]} is not {heads}+2x{kv_heads} heads of {head_dim}")
+        q = torch.empty(rows, heads, head_dim, dtype=torch.float32)
+        self._rotary(
+            qkv.data_ptr(),
+            qkv.stride(0),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            q.data_ptr(),
+            keys.data_ptr(),
+            values.data_ptr(),
+            keys.stride(0),
+            keys.stride(1),
+            column,
+            rows,
+            heads,
+            kv_heads,
+            head_dim,
+        )
+        return q
 
     def attention(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor, length: int

@@ -160,3 +160,29 @@ void decode_attention_f32(const float *q, long q_row_stride, const float *keys, 
         }
     }
 }
+
+/* The rotary embedding of each row's one new position, and the new K/V column written into the batch
+ * cache: qkv is the fused q/k/v product [rows, (heads + 2 * kv_heads) * D] (row stride given); cos and
+ * sin [rows, D]; q_out [rows, heads, D] gets the rotated queries; the rotated keys and the values go to
+ * column `column` of keys/values ([row capacity, kv_heads, column capacity, D], strides given).
+ * x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x[D/2:], x[:D/2]], as transformers computes it. */
+static inline void rotate(const float *x, const float *cos, const float *sin, float *out, long D) {
+    long half = D / 2;
+    for (long i = 0; i < half; i++) out[i] = x[i] * cos[i] - x[i + half] * sin[i];
+    for (long i = half; i < D; i++) out[i] = x[i] * cos[i] + x[i - half] * sin[i];
+}
+
+void rotary_kv_write_f32(const float *qkv, long qkv_row_stride, const float *cos, const float *sin,
+                         float *q_out, float *keys, float *values, long kv_row_stride, long kv_head_stride,
+                         long column, long rows, long heads, long kv_heads, long D) {
+    for (long r = 0; r < rows; r++) {
+        const float *row = qkv + r * qkv_row_stride;
+        const float *c = cos + r * D, *s = sin + r * D;
+        for (long h = 0; h < heads; h++) rotate(row + h * D, c, s, q_out + (r * heads + h) * D, D);
+        for (long h = 0; h < kv_heads; h++) {
+            long at = r * kv_row_stride + h * kv_head_stride + column * D;
+            rotate(row + (heads + h) * D, c, s, keys + at, D);
+            memcpy(values + at, row + (heads + kv_heads + h) * D, D * sizeof(float));
+        }
+    }
+}

@@ -135,9 +135,10 @@ def test_the_lean_step_multiplies_through_the_native_kernels(
     fresh_kernel: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The step's float32 products go through the compiled kernel and its logits stay transformers'."""
+    from engines.lean_decode import fuse_projections
     from tests.engines.test_lean_decode import PROMPTS, assert_steps_match, llama
 
-    calls = {"dense": 0, "rms_norm": 0, "attention": 0}
+    calls = {"dense": 0, "rms_norm": 0, "attention": 0, "rotary_kv": 0}
 
     def counting(name: str) -> Any:
         kernel = getattr(NativeKernels, name)
@@ -150,7 +151,9 @@ def test_the_lean_step_multiplies_through_the_native_kernels(
 
     for name in calls:
         monkeypatch.setattr(NativeKernels, name, counting(name))
-    assert_steps_match(llama(), PROMPTS)  # left-padded rows: the attention kernel's starts matter
+    model = llama()
+    fuse_projections(model)  # q/k/v as one product, whose output the rotary kernel reads
+    assert_steps_match(model, PROMPTS)  # left-padded rows: the attention kernel's starts matter
     assert all(count > 0 for count in calls.values()), calls
 
 
@@ -195,3 +198,25 @@ def test_native_attention_matches_sdpa_over_left_padded_rows(fresh_kernel: None)
         kernels.attention(q, keys, values, starts, capacity + 1)  # never reads past the buffers
     with pytest.raises(ValueError):
         kernels.attention(q, keys, values, starts[:2], length)
+
+
+@needs_compiler
+def test_native_rotary_rotates_like_transformers_and_writes_the_cache_column(fresh_kernel: None) -> None:
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    kernels = NativeKernels.load()
+    assert kernels is not None
+    rows, heads, kv_heads, head_dim, column = 3, 4, 2, 8, 5
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim)
+    angles = torch.rand(rows, head_dim // 2) * 6
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    keys, values = torch.zeros(4, kv_heads, 7, head_dim), torch.zeros(4, kv_heads, 7, head_dim)
+    assert kernels.takes_rotary(qkv, cos, keys, values, column)
+    assert not kernels.takes_rotary(qkv, cos, keys, values, 7)  # past the cache's last column
+    q = kernels.rotary_kv(qkv, cos, sin, keys, values, column, heads)
+    split = qkv.view(rows, heads + 2 * kv_heads, head_dim)
+    want_q, want_k = apply_rotary_pos_emb(split[:, :heads], split[:, heads : heads + kv_heads], cos, sin)
+    torch.testing.assert_close(q, want_q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(keys[:rows, :, column], want_k, rtol=1e-6, atol=1e-6)
+    assert torch.equal(values[:rows, :, column], split[:, heads + kv_heads :])
+    assert not keys[:, :, :column].any() and not keys[rows:].any()  # nothing else written
