@@ -174,11 +174,14 @@ def test_native_rms_norm_is_transformers_float32_norm(fresh_kernel: None) -> Non
 
 
 @needs_compiler
-def test_native_attention_matches_sdpa_over_left_padded_rows(fresh_kernel: None) -> None:
+@pytest.mark.parametrize(("kv_heads", "group", "head_dim"), [(2, 3, 16), (4, 1, 128)])  # GQA; Llama-2's heads
+def test_native_attention_matches_sdpa_over_left_padded_rows(
+    fresh_kernel: None, kv_heads: int, group: int, head_dim: int
+) -> None:
     """Rows of different lengths (left padding) and grouped query heads, as the batch cache holds them."""
     kernels = NativeKernels.load()
     assert kernels is not None
-    rows, kv_heads, group, head_dim, capacity, length = 3, 2, 3, 16, 12, 9
+    rows, capacity, length = 3, 12, 9
     keys = torch.randn(4, kv_heads, capacity, head_dim)  # more rows and columns than in use
     values = torch.randn(4, kv_heads, capacity, head_dim)
     fused = torch.randn(rows, kv_heads * group + kv_heads, head_dim)
