@@ -291,6 +291,7 @@ def build(folder: Path) -> Path:
     digest = hashlib.sha256(source + " ".join((compiler, *FLAGS, *LIBRARIES)).encode()).hexdigest()[:16]
     library = folder / f"gemm-{digest}.so"
     if library.exists():
+        _check_owned(library)
         return library
     if shutil.which(compiler) is None:
         raise OSError(f"no C compiler ({compiler!r}; set CC)")
@@ -306,5 +307,13 @@ def build(folder: Path) -> Path:
         )
         if result.returncode != 0:
             raise OSError(f"{compiler} failed: {result.stderr.strip()[-400:]}")
+        partial.chmod(0o755)  # whatever the umask: writable by this user only, as loading requires
         os.replace(partial, library)  # atomic: a concurrent process sees no file or a whole one
     return library
+
+
+def _check_owned(library: Path) -> None:
+    """Refuse a library another user could have written: loading it runs its code in this process."""
+    status = library.stat()
+    if status.st_uid != os.getuid() or status.st_mode & 0o022:
+        raise OSError(f"{library} is not owned by this user or is writable by others; not loading it")

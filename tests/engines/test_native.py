@@ -223,3 +223,11 @@ def test_native_rotary_rotates_like_transformers_and_writes_the_cache_column(fre
     torch.testing.assert_close(keys[:rows, :, column], want_k, rtol=1e-6, atol=1e-6)
     assert torch.equal(values[:rows, :, column], split[:, heads + kv_heads :])
     assert not keys[:, :, :column].any() and not keys[rows:].any()  # nothing else written
+
+
+@needs_compiler
+def test_a_library_others_can_write_is_never_loaded(tmp_path: Path) -> None:
+    library = build(tmp_path)
+    library.chmod(0o777)
+    with pytest.raises(OSError, match="writable by others"):
+        build(tmp_path)
