@@ -60,7 +60,9 @@ def _plain(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 class NativeKernels:
-    """The compiled products: ``int8`` (int8 weights, bf16 scales) and ``dense`` (float32 weights)."""
+    """The compiled kernels: products (``int8`` with bf16 scales, ``dense`` float32), and the float32
+    decode step's ``rms_norm``, ``rotary_kv`` and ``attention``. Each has a ``takes_*`` check that the
+    caller runs first; what it refuses goes to torch."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._int8 = library.int8_gemm_f32
