@@ -9,9 +9,9 @@ float32), the projections (q/k/v and gate/up fused into one product each), the r
 every query and key head as one batched product with a per-row rotation matrix, an in-place write of
 the new K/V column into ``BatchKVCache`` and one ``scaled_dot_product_attention`` with grouped KV heads.
 
-In float32 on a CPU where ``engines.native`` could build its kernels, the products (up to 16 rows),
-RMS norms, rotary embedding with the K/V write, and attention are each one call of compiled code
-instead: on a 2-core CPU every small torch operator after a weight-streaming product pays for the
+In float32 on a CPU where ``engines.native`` could build its kernels, the products (up to 16 rows,
+with the residual add as they store), RMS norms, rotary embedding with the K/V write, attention and
+the SiLU gate are each one call of compiled code instead: on a 2-core CPU every small torch operator after a weight-streaming product pays for the
 caches the product evicted, and torch's products stream well below the memory's speed at few rows.
 
 It covers the architectures whose decoder layer is exactly that (``ARCHITECTURES``); anything else,
@@ -123,6 +123,22 @@ def _project(layer: Projection, x: torch.Tensor) -> torch.Tensor:
         dense_linear(x, layer.weight, layer.bias) if isinstance(layer, torch.nn.Linear) else layer.forward(x)
     )
     return _with_hooks(layer, x, out)
+
+
+def _project_onto(
+    kernels: NativeKernels | None, layer: Projection, x: torch.Tensor, residual: torch.Tensor
+) -> torch.Tensor:
+    """``residual + layer(x)``: with the compiled kernels, the add happens as the product is stored.
+
+    The same values as the separate add (the product rounded to float32, then added). A hooked layer
+    (unmerged adapter rows) keeps the separate add, so its hooks see the product alone.
+    """
+    if kernels is not None and not layer._forward_hooks and getattr(layer, "bias", None) is None:
+        if type(layer) is torch.nn.Linear and kernels.takes_dense(x, layer.weight):
+            return kernels.dense(x, layer.weight, add=residual)
+        if isinstance(layer, Int8Linear) and kernels.takes_int8(x, layer.qweight, layer.scales):
+            return kernels.int8(x, layer.qweight, layer.scales, add=residual)
+    return residual + _project(layer, x)
 
 
 def _project_together(
@@ -376,10 +392,14 @@ class LeanDecoder:
                     layer_values[:rows, :, : column + 1],
                     attn_mask=mask,
                 ).reshape(rows, heads * head_dim)
-            x = x + _project(layer.o, attended)
+            x = _project_onto(kernels, layer.o, attended, x)
             h = _rms_norm(layer.post_norm, x)
-            gate, up = _project_together(layer.gate_up, (layer.gate, layer.up), h)
-            x = x + _project(layer.down, F.silu(gate) * up)
+            if kernels is not None and layer.gate_up is not None and not _hooked(layer.gate, layer.up):
+                activation = kernels.silu_mul(layer.gate_up(h))
+            else:
+                gate, up = _project_together(layer.gate_up, (layer.gate, layer.up), h)
+                activation = F.silu(gate) * up
+            x = _project_onto(kernels, layer.down, activation, x)
         return _project(self.lm_head, _rms_norm(self.final_norm, x))
 
 

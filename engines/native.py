@@ -66,10 +66,19 @@ class NativeKernels:
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._int8 = library.int8_gemm_f32
-        self._int8.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+        self._int8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
         self._int8.restype = None
         self._dense = library.f32_gemm
-        self._dense.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 3 + [ctypes.c_int]
+        self._dense.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
+        self._silu_mul = library.silu_mul_f32
+        self._silu_mul.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_long,
+            ctypes.c_void_p,
+            ctypes.c_long,
+            ctypes.c_long,
+        ]
+        self._silu_mul.restype = None
         self._dense.restype = None
         self._rms_norm = library.rms_norm_f32
         self._rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float]
@@ -158,29 +167,51 @@ class NativeKernels:
         )
 
     # ctypes releases the GIL for each call: the HTTP thread keeps serving meanwhile.
-    def int8(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """``x @ (qweight * scales[:, None]).T`` in float32."""
-        rows, columns = x.shape
-        out = torch.empty(rows, qweight.shape[0], dtype=torch.float32)
+    def int8(
+        self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, add: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x @ (qweight * scales[:, None]).T`` in float32, plus ``add`` (the residual) if given."""
+        out, add_pointer = self._output(x.shape[0], qweight.shape[0], add)
         threads = torch.get_num_threads()
         self._int8(
             x.data_ptr(),
             qweight.data_ptr(),
             scales.data_ptr(),
+            add_pointer,
             out.data_ptr(),
-            rows,
-            out.shape[1],
-            columns,
+            *out.shape,
+            x.shape[1],
             threads,
         )
         return out
 
-    def dense(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``x @ weight.T`` in float32."""
-        rows, columns = x.shape
-        out = torch.empty(rows, weight.shape[0], dtype=torch.float32)
+    def dense(self, x: torch.Tensor, weight: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ weight.T`` in float32, plus ``add`` (the residual) if given."""
+        out, add_pointer = self._output(x.shape[0], weight.shape[0], add)
         threads = torch.get_num_threads()
-        self._dense(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, out.shape[1], columns, threads)
+        self._dense(
+            x.data_ptr(), weight.data_ptr(), add_pointer, out.data_ptr(), *out.shape, x.shape[1], threads
+        )
+        return out
+
+    @staticmethod
+    def _output(rows: int, channels: int, add: torch.Tensor | None) -> tuple[torch.Tensor, int | None]:
+        if add is not None and (
+            add.shape != (rows, channels)
+            or add.dtype != torch.float32
+            or not add.is_contiguous()
+            or not add.is_cpu
+        ):
+            raise ValueError(f"the residual must be a contiguous float32 [{rows}, {channels}] CPU tensor")
+        return torch.empty(rows, channels, dtype=torch.float32), add.data_ptr() if add is not None else None
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` from the fused ``[rows, 2 * intermediate]`` gate/up product (float32)."""
+        rows, width = gate_up.shape
+        if gate_up.dtype != torch.float32 or gate_up.stride(1) != 1 or width % 2 or not gate_up.is_cpu:
+            raise ValueError("silu_mul takes a float32 [rows, 2 * intermediate] CPU product")
+        out = torch.empty(rows, width // 2, dtype=torch.float32)
+        self._silu_mul(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), rows, width // 2)
         return out
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

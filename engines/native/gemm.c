@@ -42,8 +42,8 @@ static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
  * factor (its int8 scale, or 1). */
 #define BLOCK(NAME, WTYPE, LOAD, SCALE, MB, U)                                                       \
     static inline __attribute__((always_inline)) void NAME##_##MB(                                  \
-        const float *x, const WTYPE *w, const uint16_t *scales, float *out, long N, long K, long n, \
-        long m0) {                                                                                   \
+        const float *x, const WTYPE *w, const uint16_t *scales, const float *add, float *out, long N, \
+        long K, long n, long m0) {                                                                   \
         __m256 acc[MB][U];                                                                           \
         for (int r = 0; r < MB; r++)                                                                 \
             for (int u = 0; u < U; u++) acc[r][u] = _mm256_setzero_ps();                             \
@@ -66,7 +66,8 @@ static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
         for (int r = 0; r < MB; r++) {                                                               \
             __m256 total = acc[r][0];                                                                \
             for (int u = 1; u < U; u++) total = _mm256_add_ps(total, acc[r][u]);                     \
-            out[(m0 + r) * N + n] = hsum(total) * s;                                                 \
+            float value = hsum(total) * s;                                                           \
+            out[(m0 + r) * N + n] = add ? add[(m0 + r) * N + n] + value : value;                     \
         }                                                                                            \
     }
 
@@ -74,29 +75,41 @@ static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
     BLOCK(NAME, WTYPE, LOAD, SCALE, 1, 8)                                                            \
     BLOCK(NAME, WTYPE, LOAD, SCALE, 2, 4)                                                            \
     BLOCK(NAME, WTYPE, LOAD, SCALE, 4, 2)                                                            \
-    static void NAME(const float *x, const WTYPE *w, const uint16_t *scales, float *out, long M,     \
+    static void NAME(const float *x, const WTYPE *w, const uint16_t *scales, const float *add,       \
+                     float *out, long M,                                                             \
                      long N, long K, int threads) {                                                  \
         _Pragma("omp parallel for num_threads(threads) schedule(static)")                            \
         for (long n = 0; n < N; n++) {                                                               \
             long m = 0;                                                                              \
-            for (; m + 4 <= M; m += 4) NAME##_4(x, w, scales, out, N, K, n, m);                      \
-            for (; m + 2 <= M; m += 2) NAME##_2(x, w, scales, out, N, K, n, m);                      \
-            for (; m < M; m++) NAME##_1(x, w, scales, out, N, K, n, m);                              \
+            for (; m + 4 <= M; m += 4) NAME##_4(x, w, scales, add, out, N, K, n, m);                      \
+            for (; m + 2 <= M; m += 2) NAME##_2(x, w, scales, add, out, N, K, n, m);                      \
+            for (; m < M; m++) NAME##_1(x, w, scales, add, out, N, K, n, m);                              \
         }                                                                                            \
     }
 
 KERNEL(int8_kernel, int8_t, load8_i8, bf16_to_f32(scales[n]))
 KERNEL(f32_kernel, float, load8_f32, 1.0f)
 
-/* out[M, N] = x[M, K] @ (w[N, K] * scales[N, None]).T, int8 w, bf16 scales. K % 8 == 0 (the caller checks). */
-void int8_gemm_f32(const float *x, const int8_t *w, const uint16_t *scales, float *out, long M, long N,
-                   long K, int threads) {
-    int8_kernel(x, w, scales, out, M, N, K, threads);
+/* out[M, N] = add[M, N] + x[M, K] @ (w[N, K] * scales[N, None]).T, int8 w, bf16 scales; add may be
+ * NULL (nothing added; with it, the step's residual add costs no operator of its own). K % 8 == 0. */
+void int8_gemm_f32(const float *x, const int8_t *w, const uint16_t *scales, const float *add, float *out,
+                   long M, long N, long K, int threads) {
+    int8_kernel(x, w, scales, add, out, M, N, K, threads);
 }
 
-/* out[M, N] = x[M, K] @ w[N, K].T, float32 w. K % 8 == 0 (the caller checks). */
-void f32_gemm(const float *x, const float *w, float *out, long M, long N, long K, int threads) {
-    f32_kernel(x, w, 0, out, M, N, K, threads);
+/* out[M, N] = add[M, N] + x[M, K] @ w[N, K].T, float32 w; add may be NULL. K % 8 == 0. */
+void f32_gemm(const float *x, const float *w, const float *add, float *out, long M, long N, long K,
+              int threads) {
+    f32_kernel(x, w, 0, add, out, M, N, K, threads);
+}
+
+/* out[r, i] = silu(gate_up[r, i]) * gate_up[r, I + i]: the SiLU-gated MLP's activation from the fused
+ * gate/up product [rows, 2 * I] (row stride given), as transformers computes silu(x) = x / (1 + e^-x). */
+void silu_mul_f32(const float *gate_up, long row_stride, float *out, long rows, long I) {
+    for (long r = 0; r < rows; r++) {
+        const float *gate = gate_up + r * row_stride, *up = gate + I;
+        for (long i = 0; i < I; i++) out[r * I + i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    }
 }
 
 /* out[r] = x[r] * 1/sqrt(mean(x[r]^2) + eps) * weight, float32, K % 8 == 0: transformers' float32

@@ -138,14 +138,14 @@ def test_the_lean_step_multiplies_through_the_native_kernels(
     from engines.lean_decode import fuse_projections
     from tests.engines.test_lean_decode import PROMPTS, assert_steps_match, llama
 
-    calls = {"dense": 0, "rms_norm": 0, "attention": 0, "rotary_kv": 0}
+    calls = {"dense": 0, "rms_norm": 0, "attention": 0, "rotary_kv": 0, "silu_mul": 0}
 
     def counting(name: str) -> Any:
         kernel = getattr(NativeKernels, name)
 
-        def counted(self: NativeKernels, *args: Any) -> torch.Tensor:
+        def counted(self: NativeKernels, *args: Any, **options: Any) -> torch.Tensor:
             calls[name] += 1
-            return kernel(self, *args)
+            return kernel(self, *args, **options)
 
         return counted
 
@@ -231,3 +231,21 @@ def test_a_library_others_can_write_is_never_loaded(tmp_path: Path) -> None:
     library.chmod(0o777)
     with pytest.raises(OSError, match="writable by others"):
         build(tmp_path)
+
+
+@needs_compiler
+def test_native_products_add_the_residual_and_silu_mul_gates_like_transformers(fresh_kernel: None) -> None:
+    kernels = NativeKernels.load()
+    assert kernels is not None
+    x, qweight, scales = int8_operands(3, 16, 64)
+    residual = torch.randn(3, 16)
+    torch.testing.assert_close(
+        kernels.int8(x, qweight, scales, add=residual), residual + kernels.int8(x, qweight, scales)
+    )
+    weight = torch.randn(16, 64)
+    torch.testing.assert_close(kernels.dense(x, weight, add=residual), residual + kernels.dense(x, weight))
+    with pytest.raises(ValueError):
+        kernels.dense(x, weight, add=residual[:2])  # never reads past the residual
+    gate_up = torch.randn(3, 2 * 40) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
