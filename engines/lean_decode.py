@@ -394,10 +394,18 @@ class LeanDecoder:
                 ).reshape(rows, heads * head_dim)
             x = _project_onto(kernels, layer.o, attended, x)
             h = _rms_norm(layer.post_norm, x)
-            if kernels is not None and layer.gate_up is not None and not _hooked(layer.gate, layer.up):
-                activation = kernels.silu_mul(layer.gate_up(h))
+            gate_up = (
+                layer.gate_up(h) if layer.gate_up is not None and not _hooked(layer.gate, layer.up) else None
+            )
+            if kernels is not None and gate_up is not None and kernels.takes_silu_mul(gate_up):
+                activation = kernels.silu_mul(gate_up)
             else:
-                gate, up = _project_together(layer.gate_up, (layer.gate, layer.up), h)
+                sizes = [layer.gate.out_features, layer.up.out_features]
+                gate, up = (
+                    gate_up.split(sizes, dim=-1)
+                    if gate_up is not None
+                    else _project_together(layer.gate_up, (layer.gate, layer.up), h)
+                )
                 activation = F.silu(gate) * up
             x = _project_onto(kernels, layer.down, activation, x)
         return _project(self.lm_head, _rms_norm(self.final_norm, x))

@@ -205,11 +205,22 @@ class NativeKernels:
             raise ValueError(f"the residual must be a contiguous float32 [{rows}, {channels}] CPU tensor")
         return torch.empty(rows, channels, dtype=torch.float32), add.data_ptr() if add is not None else None
 
+    @staticmethod
+    def takes_silu_mul(gate_up: torch.Tensor) -> bool:
+        """Whether ``silu_mul`` computes this activation: a float32 ``[rows, 2 * intermediate]`` CPU product."""
+        return (
+            gate_up.dim() == 2
+            and gate_up.dtype == torch.float32
+            and gate_up.is_cpu
+            and gate_up.stride(1) == 1
+            and gate_up.shape[1] % 2 == 0
+        )
+
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up`` from the fused ``[rows, 2 * intermediate]`` gate/up product (float32)."""
-        rows, width = gate_up.shape
-        if gate_up.dtype != torch.float32 or gate_up.stride(1) != 1 or width % 2 or not gate_up.is_cpu:
+        if not self.takes_silu_mul(gate_up):
             raise ValueError("silu_mul takes a float32 [rows, 2 * intermediate] CPU product")
+        rows, width = gate_up.shape
         out = torch.empty(rows, width // 2, dtype=torch.float32)
         self._silu_mul(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), rows, width // 2)
         return out

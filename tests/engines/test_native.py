@@ -249,3 +249,16 @@ def test_native_products_add_the_residual_and_silu_mul_gates_like_transformers(f
     gate_up = torch.randn(3, 2 * 40) * 4
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(kernels.silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
+
+
+@needs_compiler
+def test_a_fused_bf16_model_keeps_torchs_kernels_beside_the_float32_ones(fresh_kernel: None) -> None:
+    """The kernels take float32 only: a bf16 model's fused products must never reach them."""
+    from engines.lean_decode import fuse_projections
+    from tests.engines.test_lean_decode import PROMPTS, assert_steps_match, llama
+
+    assert NativeKernels.load() is not None
+    model = llama().to(torch.bfloat16)
+    fuse_projections(model)
+    assert_steps_match(model, PROMPTS, atol=0.05)  # bf16 rounding, as the lean step's own bf16 test
+    assert not NativeKernels.takes_silu_mul(torch.zeros(2, 8, dtype=torch.bfloat16))
