@@ -11,8 +11,9 @@ the new K/V column into ``BatchKVCache`` and one ``scaled_dot_product_attention`
 
 In float32 on a CPU where ``engines.native`` could build its kernels, the products (up to 16 rows,
 with the residual add as they store), RMS norms, rotary embedding with the K/V write, attention and
-the SiLU gate are each one call of compiled code instead: on a 2-core CPU every small torch operator after a weight-streaming product pays for the
-caches the product evicted, and torch's products stream well below the memory's speed at few rows.
+the SiLU gate are each one call of compiled code instead: on a 2-core CPU every small torch operator
+after a weight-streaming product pays for the caches the product evicted, and torch's products
+stream well below the memory's speed at few rows.
 
 It covers the architectures whose decoder layer is exactly that (``ARCHITECTURES``); anything else,
 or any layer that is neither a plain ``nn.Linear`` nor the engine's ``Int8Linear`` (bitsandbytes-

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -59,43 +60,38 @@ def _plain(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+def _bind(library: ctypes.CDLL, name: str, *argtypes: Any) -> Any:
+    """``library.name`` with its C argument types declared (every kernel returns nothing)."""
+    function = getattr(library, name)
+    function.argtypes = list(argtypes)
+    function.restype = None
+    return function
+
+
 class NativeKernels:
-    """The compiled kernels: products (``int8`` with bf16 scales, ``dense`` float32), and the float32
-    decode step's ``rms_norm``, ``rotary_kv`` and ``attention``. Each has a ``takes_*`` check that the
-    caller runs first; what it refuses goes to torch."""
+    """The compiled kernels: products (``int8`` with bf16 scales, ``dense`` float32, each optionally
+    adding the residual), and the float32 decode step's ``rms_norm``, ``rotary_kv``, ``attention`` and
+    ``silu_mul``. Each has a ``takes_*`` check that the caller runs first; what it refuses goes to torch.
+    """
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._int8 = library.int8_gemm_f32
-        self._int8.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 3 + [ctypes.c_int]
-        self._int8.restype = None
-        self._dense = library.f32_gemm
-        self._dense.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3 + [ctypes.c_int]
-        self._silu_mul = library.silu_mul_f32
-        self._silu_mul.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_long,
-            ctypes.c_void_p,
-            ctypes.c_long,
-            ctypes.c_long,
-        ]
-        self._silu_mul.restype = None
-        self._dense.restype = None
-        self._rms_norm = library.rms_norm_f32
-        self._rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float]
-        self._rms_norm.restype = None
-        self._attention = library.decode_attention_f32
-        pointer, size = ctypes.c_void_p, ctypes.c_long
-        self._attention.argtypes = [
+        pointer, size, real, count = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
+        self._int8 = _bind(library, "int8_gemm_f32", *[pointer] * 5, size, size, size, count)
+        self._dense = _bind(library, "f32_gemm", *[pointer] * 4, size, size, size, count)
+        self._silu_mul = _bind(library, "silu_mul_f32", pointer, size, pointer, size, size)
+        self._rms_norm = _bind(library, "rms_norm_f32", pointer, pointer, pointer, size, size, real)
+        self._attention = _bind(
+            library,
+            "decode_attention_f32",
             *(pointer, size, pointer, pointer, size, size, pointer, size, pointer, pointer),
-            *(size, size, size, size, ctypes.c_float, ctypes.c_int),
-        ]
-        self._attention.restype = None
-        self._rotary = library.rotary_kv_write_f32
-        self._rotary.argtypes = [
+            *(size, size, size, size, real, count),
+        )
+        self._rotary = _bind(
+            library,
+            "rotary_kv_write_f32",
             *(pointer, size, pointer, pointer, pointer, pointer, pointer),
             *(size, size, size, size, size, size, size),
-        ]
-        self._rotary.restype = None
+        )
 
     @staticmethod
     def takes_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> bool:
