@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from engines.int8 import Int8Linear, int8_linear
 from engines.kvcache import BatchKVCache
 from engines.native import NativeKernels
+from engines.native_step import LayerWeights, Product, StepPlan, StepSizes
 
 log = logging.getLogger("peft_gateway.lean_decode")
 
@@ -109,6 +110,21 @@ class _Layer:
     gate_up: _Fused | None = None
 
 
+def _hooks_idle(*layers: Projection) -> bool:
+    """Whether no forward hook would change these layers' outputs in this step.
+
+    True with no hooks, or with only unmerged-adapter hooks (``engines.multilora``) that say they are
+    idle for the layer: no adapter row in the batch, or a merged variant's layer sharing the base's
+    hook dict. Then the fused and compiled paths serve, as for a base that never had an adapter.
+    """
+    for layer in layers:
+        for hook in layer._forward_hooks.values():
+            idle_for = getattr(hook, "idle_for", None)
+            if idle_for is None or not idle_for(layer):
+                return False
+    return True
+
+
 def _with_hooks(layer: Projection, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Apply the layer's forward hooks (unmerged multi-LoRA rows add their delta there) to ``out``."""
     for hook in layer._forward_hooks.values():
@@ -134,7 +150,7 @@ def _project_onto(
     The same values as the separate add (the product rounded to float32, then added). A hooked layer
     (unmerged adapter rows) keeps the separate add, so its hooks see the product alone.
     """
-    if kernels is not None and not layer._forward_hooks and getattr(layer, "bias", None) is None:
+    if kernels is not None and getattr(layer, "bias", None) is None and _hooks_idle(layer):
         if type(layer) is torch.nn.Linear and kernels.takes_dense(x, layer.weight):
             return kernels.dense(x, layer.weight, add=residual)
         if isinstance(layer, Int8Linear) and kernels.takes_int8(x, layer.qweight, layer.scales):
@@ -278,10 +294,6 @@ def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return matrices
 
 
-def _hooked(*layers: Projection) -> bool:
-    return any(layer._forward_hooks for layer in layers)
-
-
 class LeanDecoder:
     """Built once per model object; ``step`` advances every row of a ``BatchKVCache`` by one token."""
 
@@ -310,6 +322,52 @@ class LeanDecoder:
             )
             for layer in model.model.layers
         ]
+        self.projections: list[Projection] = [
+            projection
+            for layer in self.layers
+            for projection in (layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
+        ]
+        self.projections.append(self.lm_head)
+        #: The whole float32 step as one compiled call, where the kernels are built and the weights fit.
+        self.plan = self._compiled_plan()
+        if self.plan is not None:
+            log.info("decode steps of %s run as one compiled call", type(model).__name__)
+
+    def _compiled_plan(self) -> StepPlan | None:
+        kernels = NativeKernels.load()
+        norms = [norm for layer in self.layers for norm in (layer.input_norm, layer.post_norm)]
+        epsilons = {float(norm.variance_epsilon) for norm in [*norms, self.final_norm]}
+        lm_head = _plain_product(self.lm_head)
+        if kernels is None or len(epsilons) != 1 or lm_head is None:
+            return None
+        weights = []
+        for layer in self.layers:
+            o, down = _plain_product(layer.o), _plain_product(layer.down)
+            qkv, gate_up = layer.qkv, layer.gate_up
+            if o is None or down is None or qkv is None or gate_up is None:
+                return None
+            if qkv.bias is not None or gate_up.bias is not None:
+                return None
+            weights.append(
+                LayerWeights(
+                    input_norm=_norm_weight(layer.input_norm),
+                    post_norm=_norm_weight(layer.post_norm),
+                    qkv=Product(qkv.weight.detach(), qkv.scales),
+                    o=o,
+                    gate_up=Product(gate_up.weight.detach(), gate_up.scales),
+                    down=down,
+                )
+            )
+        sizes = StepSizes(
+            hidden=self.layers[0].o.out_features,
+            heads=self.heads,
+            kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            intermediate=self.layers[0].gate.out_features,
+            vocab=self.lm_head.out_features,
+            eps=epsilons.pop(),
+        )
+        return StepPlan.build(kernels, weights, _norm_weight(self.final_norm), lm_head, sizes)
 
     @classmethod
     def for_model(cls, model: Any) -> LeanDecoder | None:
@@ -325,8 +383,20 @@ class LeanDecoder:
 
         The caller reserves the column first (``kv.reserve(1)``) and advances the cache afterwards.
         """
-        mask = _padding_mask(kv, kv.length + 1, ids.device)
+        rows = ids.shape[0]
         starts = torch.tensor(kv.starts, dtype=torch.long) if kv.device.type == "cpu" else None
+        plan = self.plan
+        if (
+            starts is not None
+            and plan is not None
+            and plan.takes(rows, kv.keys, kv.values, kv.length)
+            and _hooks_idle(*self.projections)
+        ):
+            x = self.embed(ids.view(rows))
+            cos, sin = self.rotary(x, positions)
+            cos, sin = cos.reshape(rows, self.head_dim), sin.reshape(rows, self.head_dim)
+            return plan.run(x, cos.contiguous(), sin.contiguous(), starts, kv.keys, kv.length)
+        mask = _padding_mask(kv, kv.length + 1, ids.device)
         return self.forward(ids, positions, mask, kv.length, kv.keys, kv.values, starts)
 
     def forward(
@@ -359,7 +429,7 @@ class LeanDecoder:
         for layer, layer_keys, layer_values in zip(self.layers, keys, values, strict=True):
             h = _rms_norm(layer.input_norm, x)
             # Hooked layers (unmerged adapter rows) need each projection's own output: no fused product.
-            qkv = layer.qkv(h) if layer.qkv is not None and not _hooked(layer.q, layer.k, layer.v) else None
+            qkv = layer.qkv(h) if layer.qkv is not None and _hooks_idle(layer.q, layer.k, layer.v) else None
             if (
                 qkv is not None
                 and kernels is not None
@@ -396,7 +466,7 @@ class LeanDecoder:
             x = _project_onto(kernels, layer.o, attended, x)
             h = _rms_norm(layer.post_norm, x)
             gate_up = (
-                layer.gate_up(h) if layer.gate_up is not None and not _hooked(layer.gate, layer.up) else None
+                layer.gate_up(h) if layer.gate_up is not None and _hooks_idle(layer.gate, layer.up) else None
             )
             if kernels is not None and gate_up is not None and kernels.takes_silu_mul(gate_up):
                 activation = kernels.silu_mul(gate_up)
@@ -410,6 +480,22 @@ class LeanDecoder:
                 activation = F.silu(gate) * up
             x = _project_onto(kernels, layer.down, activation, x)
         return _project(self.lm_head, _rms_norm(self.final_norm, x))
+
+
+def _plain_product(layer: Projection) -> Product | None:
+    """A projection's weights for the compiled step: float32 or int8, no bias, no other kind."""
+    if layer.bias is not None:
+        return None
+    if isinstance(layer, Int8Linear):
+        return Product(layer.qweight, layer.scales)
+    if type(layer) is torch.nn.Linear:  # not a subclass whose forward may differ
+        return Product(layer.weight.detach())
+    return None
+
+
+def _norm_weight(norm: torch.nn.Module) -> torch.Tensor:
+    weight: torch.Tensor = norm.weight  # type: ignore[assignment]
+    return weight.detach()
 
 
 def _padding_mask(kv: BatchKVCache, columns: int, device: Any) -> torch.Tensor | None:

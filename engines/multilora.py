@@ -228,25 +228,40 @@ class MultiLora:
         # and an add per layer instead of two gathers and two batched products.
         self._uniform = slots[0] if all(slot == slots[0] for slot in slots) else None
 
-    def _hook_for(self, stack: _Stack, layer: torch.nn.Module) -> Any:
-        def hook(
-            module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
-        ) -> torch.Tensor | None:
-            rows = self._rows
-            # A merged variant's shallow clone shares this hook dict; only the base's own layer applies it.
-            if rows is None or module is not layer or rows.shape[0] != output.shape[0]:
-                return None
-            x = inputs[0]
-            if self._uniform is not None:
-                slot = self._uniform
-                return output + (x @ stack.a[slot].T) @ stack.b[slot].T
-            a = stack.a.index_select(0, rows)  # [rows, r, in]
-            b = stack.b.index_select(0, rows)  # [rows, out, r]
-            flat = x.dim() == 2  # the lean decode step: one position per row, [rows, in]
-            delta = torch.bmm(torch.bmm(x.unsqueeze(1) if flat else x, a.transpose(1, 2)), b.transpose(1, 2))
-            return output + (delta.squeeze(1) if flat else delta)
+    def _hook_for(self, stack: _Stack, layer: torch.nn.Module) -> _LoraHook:
+        return _LoraHook(self, stack, layer)
 
-        return hook
+
+class _LoraHook:
+    """The forward hook that adds each row's adapter term to one base layer's output.
+
+    A class rather than a closure so that ``idle_for`` can tell the lean step when it changes nothing
+    (no adapter row in the batch, or a merged variant's shallow clone sharing the hook dict): the
+    step then keeps its fused and compiled paths.
+    """
+
+    def __init__(self, owner: MultiLora, stack: _Stack, layer: torch.nn.Module) -> None:
+        self.owner, self.stack, self.layer = owner, stack, layer
+
+    def idle_for(self, module: torch.nn.Module) -> bool:
+        return self.owner._rows is None or module is not self.layer
+
+    def __call__(
+        self, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor
+    ) -> torch.Tensor | None:
+        rows, stack, owner = self.owner._rows, self.stack, self.owner
+        # A merged variant's shallow clone shares this hook dict; only the base's own layer applies it.
+        if rows is None or module is not self.layer or rows.shape[0] != output.shape[0]:
+            return None
+        x = inputs[0]
+        if owner._uniform is not None:
+            slot = owner._uniform
+            return output + (x @ stack.a[slot].T) @ stack.b[slot].T
+        a = stack.a.index_select(0, rows)  # [rows, r, in]
+        b = stack.b.index_select(0, rows)  # [rows, out, r]
+        flat = x.dim() == 2  # the lean decode step: one position per row, [rows, in]
+        delta = torch.bmm(torch.bmm(x.unsqueeze(1) if flat else x, a.transpose(1, 2)), b.transpose(1, 2))
+        return output + (delta.squeeze(1) if flat else delta)
 
 
 def multilora_for(model: torch.nn.Module) -> MultiLora:

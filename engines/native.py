@@ -92,6 +92,11 @@ class NativeKernels:
             *(pointer, size, pointer, pointer, pointer, pointer, pointer),
             *(size, size, size, size, size, size, size),
         )
+        # The whole step (engines.native_step builds its operands): table, layers, K/V addresses, final
+        # norm, LM head and its scales, sizes, x, cos, sin, starts, work, logits, threads.
+        self.decode_step = _bind(library, "decode_step_f32", pointer, size, *[pointer] * 12, count)
+        self.decode_step_work_floats = _bind(library, "decode_step_work_floats", pointer)
+        self.decode_step_work_floats.restype = size
 
     @staticmethod
     def takes_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> bool:

@@ -73,19 +73,20 @@ static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
         }                                                                                            \
     }
 
+/* NAME shares the channels out among the threads of the enclosing parallel region (an orphaned
+ * `omp for`, so decode_step runs it inside its one region; called outside any, it runs on one thread). */
 #define KERNEL(NAME, WTYPE, LOAD, SCALE)                                                              \
     BLOCK(NAME, WTYPE, LOAD, SCALE, 1, 8)                                                            \
     BLOCK(NAME, WTYPE, LOAD, SCALE, 2, 4)                                                            \
     BLOCK(NAME, WTYPE, LOAD, SCALE, 4, 2)                                                            \
     static void NAME(const float *x, const WTYPE *w, const uint16_t *scales, const float *add,       \
-                     float *out, long M,                                                             \
-                     long N, long K, int threads) {                                                  \
-        _Pragma("omp parallel for num_threads(threads) schedule(static)")                            \
+                     float *out, long M, long N, long K) {                                           \
+        _Pragma("omp for schedule(static)")                                                          \
         for (long n = 0; n < N; n++) {                                                               \
             long m = 0;                                                                              \
-            for (; m + 4 <= M; m += 4) NAME##_4(x, w, scales, add, out, N, K, n, m);                      \
-            for (; m + 2 <= M; m += 2) NAME##_2(x, w, scales, add, out, N, K, n, m);                      \
-            for (; m < M; m++) NAME##_1(x, w, scales, add, out, N, K, n, m);                              \
+            for (; m + 4 <= M; m += 4) NAME##_4(x, w, scales, add, out, N, K, n, m);                 \
+            for (; m + 2 <= M; m += 2) NAME##_2(x, w, scales, add, out, N, K, n, m);                 \
+            for (; m < M; m++) NAME##_1(x, w, scales, add, out, N, K, n, m);                         \
         }                                                                                            \
     }
 
@@ -96,13 +97,15 @@ KERNEL(f32_kernel, float, load8_f32, 1.0f)
  * NULL (nothing added; with it, the step's residual add costs no operator of its own). K % 8 == 0. */
 void int8_gemm_f32(const float *x, const int8_t *w, const uint16_t *scales, const float *add, float *out,
                    long M, long N, long K, int threads) {
-    int8_kernel(x, w, scales, add, out, M, N, K, threads);
+#pragma omp parallel num_threads(threads)
+    int8_kernel(x, w, scales, add, out, M, N, K);
 }
 
 /* out[M, N] = add[M, N] + x[M, K] @ w[N, K].T, float32 w; add may be NULL. K % 8 == 0. */
 void f32_gemm(const float *x, const float *w, const float *add, float *out, long M, long N, long K,
               int threads) {
-    f32_kernel(x, w, 0, add, out, M, N, K, threads);
+#pragma omp parallel num_threads(threads)
+    f32_kernel(x, w, 0, add, out, M, N, K);
 }
 
 /* out[r, i] = silu(gate_up[r, i]) * gate_up[r, I + i]: the SiLU-gated MLP's activation from the fused
@@ -138,42 +141,50 @@ void rms_norm_f32(const float *x, const float *weight, float *out, long M, long 
  * adjacent, as transformers' repeat_kv orders them); keys/values: the batch cache's buffers,
  * [row capacity, kv_heads, column capacity, D] with the given row and head strides; row r attends to
  * columns [starts[r], length) (left padding before starts[r]); out: [rows, kv_heads * group * D];
- * scratch: rows * kv_heads * group * length floats. Exact two-pass softmax per query head. */
+ * scratch: rows * kv_heads * group * length floats. Exact two-pass softmax per query head; the query
+ * heads are shared out among the enclosing region's threads (one row has few KV heads: 3 on 2 threads
+ * would leave one idle a third of the time, 9 query heads split 5/4). */
+static void attention(const float *q, long q_row_stride, const float *keys, const float *values,
+                      long kv_row_stride, long kv_head_stride, const long *starts, long length, float *out,
+                      float *scratch, long rows, long kv_heads, long group, long D, float scale) {
+#pragma omp for schedule(static)
+    for (long task = 0; task < rows * kv_heads * group; task++) {
+        long r = task / (kv_heads * group), head = task % (kv_heads * group), h = head / group;
+        long n = length - starts[r];
+        const float *K = keys + r * kv_row_stride + h * kv_head_stride + starts[r] * D;
+        const float *V = values + r * kv_row_stride + h * kv_head_stride + starts[r] * D;
+        const float *qh = q + r * q_row_stride + head * D;
+        float *p = scratch + task * length;
+        float best = -INFINITY;
+        for (long j = 0; j < n; j++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (long d = 0; d < D; d += 8)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(K + j * D + d), acc);
+            p[j] = hsum(acc) * scale;
+            if (p[j] > best) best = p[j];
+        }
+        float total = 0.0f;
+        for (long j = 0; j < n; j++) {
+            p[j] = expf(p[j] - best);
+            total += p[j];
+        }
+        float *o = out + r * kv_heads * group * D + head * D;
+        for (long d = 0; d < D; d += 8) {
+            __m256 acc = _mm256_setzero_ps();
+            for (long j = 0; j < n; j++)
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(V + j * D + d), acc);
+            _mm256_storeu_ps(o + d, _mm256_mul_ps(acc, _mm256_set1_ps(1.0f / total)));
+        }
+    }
+}
+
 void decode_attention_f32(const float *q, long q_row_stride, const float *keys, const float *values,
                           long kv_row_stride, long kv_head_stride, const long *starts, long length,
                           float *out, float *scratch, long rows, long kv_heads, long group, long D,
                           float scale, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (long task = 0; task < rows * kv_heads; task++) {
-        long r = task / kv_heads, h = task % kv_heads;
-        long n = length - starts[r];
-        const float *K = keys + r * kv_row_stride + h * kv_head_stride + starts[r] * D;
-        const float *V = values + r * kv_row_stride + h * kv_head_stride + starts[r] * D;
-        for (long g = 0; g < group; g++) {
-            const float *qg = q + r * q_row_stride + (h * group + g) * D;
-            float *p = scratch + (task * group + g) * length;
-            float best = -INFINITY;
-            for (long j = 0; j < n; j++) {
-                __m256 acc = _mm256_setzero_ps();
-                for (long d = 0; d < D; d += 8)
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(K + j * D + d), acc);
-                p[j] = hsum(acc) * scale;
-                if (p[j] > best) best = p[j];
-            }
-            float total = 0.0f;
-            for (long j = 0; j < n; j++) {
-                p[j] = expf(p[j] - best);
-                total += p[j];
-            }
-            float *o = out + r * kv_heads * group * D + (h * group + g) * D;
-            for (long d = 0; d < D; d += 8) {
-                __m256 acc = _mm256_setzero_ps();
-                for (long j = 0; j < n; j++)
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(V + j * D + d), acc);
-                _mm256_storeu_ps(o + d, _mm256_mul_ps(acc, _mm256_set1_ps(1.0f / total)));
-            }
-        }
-    }
+#pragma omp parallel num_threads(threads)
+    attention(q, q_row_stride, keys, values, kv_row_stride, kv_head_stride, starts, length, out, scratch,
+              rows, kv_heads, group, D, scale);
 }
 
 /* The rotary embedding of each row's one new position, and the new K/V column written into the batch
@@ -199,5 +210,84 @@ void rotary_kv_write_f32(const float *qkv, long qkv_row_stride, const float *cos
             rotate(row + (heads + h) * D, c, s, keys + at, D);
             memcpy(values + at, row + (heads + kv_heads + h) * D, D * sizeof(float));
         }
+    }
+}
+
+/* One decoder layer's weights for decode_step. A product's weights are int8 with one bf16 scale per
+ * output channel where its scales pointer is set, float32 where it is NULL. q/k/v and gate/up are each
+ * one fused matrix: [(heads + 2 * kv_heads) * D, hidden] and [2 * intermediate, hidden]. */
+typedef struct {
+    const float *input_norm, *post_norm;
+    const void *qkv, *o, *gate_up, *down;
+    const uint16_t *qkv_scales, *o_scales, *gate_up_scales, *down_scales;
+} step_layer;
+
+/* The step's sizes; column is where every row's new K/V go, and attention covers columns up to it. */
+typedef struct {
+    long rows, hidden, heads, kv_heads, head_dim, intermediate, vocab;
+    long column, kv_row_stride, kv_head_stride;
+    float eps;
+} step_shape;
+
+static void product(const float *x, const void *w, const uint16_t *scales, const float *add, float *out,
+                    long M, long N, long K) {
+    if (scales)
+        int8_kernel(x, (const int8_t *)w, scales, add, out, M, N, K);
+    else
+        f32_kernel(x, (const float *)w, 0, add, out, M, N, K);
+}
+
+/* Floats of the work buffer decode_step carves its intermediates from (the caller allocates it). */
+long decode_step_work_floats(const step_shape *s) {
+    long qkv = (s->heads + 2 * s->kv_heads) * s->head_dim, attended = s->heads * s->head_dim;
+    return s->rows * (s->hidden + qkv + 2 * attended + 3 * s->intermediate + s->heads * (s->column + 1));
+}
+
+/* A whole float32 decode step of a Llama-family model in one call: for each layer the RMS norm, the
+ * fused q/k/v product, rotary embedding with the K/V write, attention, the output product onto the
+ * residual, the second norm, the fused gate/up product, the SiLU gate and the down product onto the
+ * residual; then the final norm and the LM head into logits [rows, vocab]. x [rows, hidden] holds the
+ * token embeddings and is overwritten with the last hidden state; keys/values are each layer's cache
+ * buffers. The same kernels, in the same order, as the step made of separate calls (so the same
+ * logits): what goes is the interpreter between them, about 200 us a layer on a 2-core CPU, a quarter
+ * of a small int8 model's step. One parallel region for the whole step: the products, the attention
+ * and the gate share out work, the norms and the rotary (a few hundred floats a row) run on one
+ * thread, and the region's barriers order them. */
+void decode_step_f32(const step_layer *layers, long n_layers, float *const *keys, float *const *values,
+                     const float *final_norm, const void *lm_head, const uint16_t *lm_head_scales,
+                     const step_shape *s, float *x, const float *cos, const float *sin, const long *starts,
+                     float *work, float *logits, int threads) {
+    const long rows = s->rows, hidden = s->hidden, D = s->head_dim, I = s->intermediate;
+    const long qkv_width = (s->heads + 2 * s->kv_heads) * D, attended_width = s->heads * D;
+    float *h = work, *qkv = h + rows * hidden, *q = qkv + rows * qkv_width;
+    float *attended = q + rows * attended_width, *gate_up = attended + rows * attended_width;
+    float *act = gate_up + rows * 2 * I, *scratch = act + rows * I;
+    const float scale = 1.0f / sqrtf((float)D);
+#pragma omp parallel num_threads(threads)
+    {
+        for (long l = 0; l < n_layers; l++) {
+            const step_layer *L = &layers[l];
+#pragma omp single
+            rms_norm_f32(x, L->input_norm, h, rows, hidden, s->eps);
+            product(h, L->qkv, L->qkv_scales, 0, qkv, rows, qkv_width, hidden);
+#pragma omp single
+            rotary_kv_write_f32(qkv, qkv_width, cos, sin, q, keys[l], values[l], s->kv_row_stride,
+                                s->kv_head_stride, s->column, rows, s->heads, s->kv_heads, D);
+            attention(q, attended_width, keys[l], values[l], s->kv_row_stride, s->kv_head_stride, starts,
+                      s->column + 1, attended, scratch, rows, s->kv_heads, s->heads / s->kv_heads, D, scale);
+            product(attended, L->o, L->o_scales, x, x, rows, hidden, attended_width);
+#pragma omp single
+            rms_norm_f32(x, L->post_norm, h, rows, hidden, s->eps);
+            product(h, L->gate_up, L->gate_up_scales, 0, gate_up, rows, 2 * I, hidden);
+#pragma omp for schedule(static)
+            for (long e = 0; e < rows * I; e++) {
+                const float *gate = gate_up + (e / I) * 2 * I + e % I;
+                act[e] = gate[0] / (1.0f + expf(-gate[0])) * gate[I];
+            }
+            product(act, L->down, L->down_scales, x, x, rows, hidden, I);
+        }
+#pragma omp single
+        rms_norm_f32(x, final_norm, h, rows, hidden, s->eps);
+        product(h, lm_head, lm_head_scales, 0, logits, rows, s->vocab, hidden);
     }
 }

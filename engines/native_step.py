@@ -1,0 +1,280 @@
+"""The whole float32 decode step of a Llama-family model as one call of compiled code (``decode_step_f32``).
+
+The lean step's kernels (``engines.native``) left the interpreter between them as the largest cost
+they did not cover: measured on a 2-core EPYC, a small int8 model's one-row step took 24.7 ms of which
+the kernels were 18.2; the rest was Python, argument conversion and a thread-pool start per call, about
+200 us for each of 30 layers. This runs the same kernels in the same order in one parallel region, so
+the logits are the ones the separate calls give, bit for bit.
+
+``StepPlan`` is built once per model (every weight's address, checked once: dtypes, shapes, contiguity)
+and holds references to the tensors, so the addresses stay valid for as long as the plan lives. The
+lean step keeps using the separate calls where the plan does not apply: unmerged adapter rows, biases,
+bf16 activations, float32 products of more rows than the compiled kernel takes, a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+from engines.native import DENSE_MAX_ROWS, NativeKernels
+
+_LAYER_FIELDS = (
+    "input_norm",
+    "post_norm",
+    "qkv",
+    "o",
+    "gate_up",
+    "down",
+    "qkv_scales",
+    "o_scales",
+    "gate_up_scales",
+    "down_scales",
+)
+_SHAPE_FIELDS = (
+    "rows",
+    "hidden",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "intermediate",
+    "vocab",
+    "column",
+    "kv_row_stride",
+    "kv_head_stride",
+)
+
+
+class _StepLayer(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in _LAYER_FIELDS]
+
+
+class _StepShape(ctypes.Structure):
+    _fields_ = [*((name, ctypes.c_long) for name in _SHAPE_FIELDS), ("eps", ctypes.c_float)]
+
+
+@dataclass(frozen=True)
+class Product:
+    """One projection's weights: float32 ``[out, in]``, or int8 with one bf16 scale per output channel."""
+
+    weight: torch.Tensor
+    scales: torch.Tensor | None = None
+
+    def fits(self, out_features: int, in_features: int) -> bool:
+        weight, scales = self.weight, self.scales
+        if (
+            tuple(weight.shape) != (out_features, in_features)
+            or not weight.is_contiguous()
+            or not weight.is_cpu
+        ):
+            return False
+        if scales is None:
+            return weight.dtype == torch.float32
+        return (
+            weight.dtype == torch.int8
+            and scales.dtype == torch.bfloat16
+            and scales.is_contiguous()
+            and tuple(scales.shape) == (out_features,)
+        )
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer as the compiled step reads it: norms, fused q/k/v and gate/up, o and down."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: Product
+    o: Product
+    gate_up: Product
+    down: Product
+
+
+@dataclass(frozen=True)
+class StepSizes:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    eps: float
+
+
+class StepPlan:
+    """A model's weights laid out for ``decode_step_f32``; ``None`` from ``build`` where it does not fit."""
+
+    def __init__(
+        self,
+        kernels: NativeKernels,
+        layers: list[LayerWeights],
+        final_norm: torch.Tensor,
+        lm_head: Product,
+        sizes: StepSizes,
+    ) -> None:
+        self._kernels = kernels
+        self._layers = layers  # held: the table below points into these tensors
+        self._final_norm = final_norm
+        self._lm_head = lm_head
+        self.sizes = sizes
+        self._table = (_StepLayer * len(layers))(*(_layer_struct(layer) for layer in layers))
+        products = [
+            lm_head,
+            *(p for layer in layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)),
+        ]
+        #: float32 products with more rows go to oneDNN, as in the separate-call step.
+        self.max_rows = DENSE_MAX_ROWS if any(p.scales is None for p in products) else None
+        self._cache_key: tuple[int, ...] = ()
+        self._keys: ctypes.Array[ctypes.c_void_p] | None = None
+        self._values: ctypes.Array[ctypes.c_void_p] | None = None
+
+    @classmethod
+    def build(
+        cls,
+        kernels: NativeKernels,
+        layers: list[LayerWeights],
+        final_norm: torch.Tensor,
+        lm_head: Product,
+        sizes: StepSizes,
+    ) -> StepPlan | None:
+        """The plan, or ``None`` where any weight is not what the compiled step reads."""
+        s = sizes
+        if (
+            not layers
+            or s.heads % s.kv_heads != 0
+            or any(width % 8 for width in (s.hidden, s.head_dim, s.intermediate))
+            or not _is_norm(final_norm, s.hidden)
+            or not lm_head.fits(s.vocab, s.hidden)
+        ):
+            return None
+        qkv_width = (s.heads + 2 * s.kv_heads) * s.head_dim
+        for layer in layers:
+            if not (
+                _is_norm(layer.input_norm, s.hidden)
+                and _is_norm(layer.post_norm, s.hidden)
+                and layer.qkv.fits(qkv_width, s.hidden)
+                and layer.o.fits(s.hidden, s.heads * s.head_dim)
+                and layer.gate_up.fits(2 * s.intermediate, s.hidden)
+                and layer.down.fits(s.hidden, s.intermediate)
+            ):
+                return None
+        return cls(kernels, layers, final_norm, lm_head, sizes)
+
+    def takes(self, rows: int, keys: list[torch.Tensor], values: list[torch.Tensor], column: int) -> bool:
+        """Whether a step of ``rows`` rows on this cache is what the compiled step reads and writes."""
+        head = keys[0] if keys else None
+        return (
+            head is not None
+            and rows > 0
+            and (self.max_rows is None or rows <= self.max_rows)
+            and len(keys) == len(values) == len(self._layers)
+            and head.dim() == 4
+            and rows <= head.shape[0]
+            and 0 <= column < head.shape[2]
+            and tuple(head.shape[1::2]) == (self.sizes.kv_heads, self.sizes.head_dim)
+            and self._cache_arrays(keys, values)
+        )
+
+    def _cache_arrays(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> bool:
+        """Each layer's K/V addresses for the C call, checked once per set of cache buffers."""
+        shape = keys[0].shape
+        addresses = tuple(t.data_ptr() for t in keys) + tuple(t.data_ptr() for t in values)
+        key = (*shape, *addresses)  # a new buffer set can reuse freed addresses with another shape
+        if key == self._cache_key:
+            return True
+        if not all(
+            t.shape == shape and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
+            for t in (*keys, *values)
+        ):
+            return False
+        pointers = ctypes.c_void_p * len(keys)
+        self._keys, self._values = pointers(*addresses[: len(keys)]), pointers(*addresses[len(keys) :])
+        self._cache_key = key
+        return True
+
+    def run(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        starts: torch.Tensor,
+        keys: list[torch.Tensor],
+        column: int,
+    ) -> torch.Tensor:
+        """Logits ``[rows, vocab]``; ``x`` (the token embeddings) ends as the last hidden state.
+
+        The caller checked ``takes`` for this step (which also records ``keys``' and its values'
+        addresses); ``cos``/``sin`` are ``[rows, head_dim]`` for each row's new position and ``starts``
+        each row's first cache column (int64).
+        """
+        rows, s = x.shape[0], self.sizes
+        if x.shape != (rows, s.hidden) or x.dtype != torch.float32 or not x.is_contiguous() or not x.is_cpu:
+            raise ValueError(f"activations must be contiguous float32 [{rows}, {s.hidden}] on the CPU")
+        for factor in (cos, sin):
+            if (
+                factor.shape != (rows, s.head_dim)
+                or factor.dtype != torch.float32
+                or not factor.is_contiguous()
+            ):
+                raise ValueError(f"rotary factors must be contiguous float32 [{rows}, {s.head_dim}]")
+        if starts.dtype != torch.long or not starts.is_contiguous() or starts.numel() != rows:
+            raise ValueError("starts must be one int64 column index per row")
+        shape = _StepShape(
+            rows,
+            s.hidden,
+            s.heads,
+            s.kv_heads,
+            s.head_dim,
+            s.intermediate,
+            s.vocab,
+            column,
+            keys[0].stride(0),
+            keys[0].stride(1),
+            s.eps,
+        )
+        work = torch.empty(self._kernels.decode_step_work_floats(ctypes.byref(shape)), dtype=torch.float32)
+        logits = torch.empty(rows, s.vocab, dtype=torch.float32)
+        lm_head = self._lm_head
+        self._kernels.decode_step(
+            self._table,
+            len(self._layers),
+            self._keys,
+            self._values,
+            self._final_norm.data_ptr(),
+            lm_head.weight.data_ptr(),
+            _address(lm_head.scales),
+            ctypes.byref(shape),
+            x.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            starts.data_ptr(),
+            work.data_ptr(),
+            logits.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return logits
+
+
+def _address(tensor: torch.Tensor | None) -> int | None:
+    return tensor.data_ptr() if tensor is not None else None
+
+
+def _layer_struct(layer: LayerWeights) -> _StepLayer:
+    products = (layer.qkv, layer.o, layer.gate_up, layer.down)
+    return _StepLayer(
+        layer.input_norm.data_ptr(),
+        layer.post_norm.data_ptr(),
+        *(p.weight.data_ptr() for p in products),
+        *(_address(p.scales) for p in products),
+    )
+
+
+def _is_norm(weight: torch.Tensor, hidden: int) -> bool:
+    return (
+        weight.dtype == torch.float32
+        and weight.is_cpu
+        and weight.is_contiguous()
+        and tuple(weight.shape) == (hidden,)
+    )

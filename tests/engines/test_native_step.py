@@ -1,0 +1,157 @@
+"""The whole decode step as one compiled call: the separate calls' logits bit for bit, or not taken."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from engines.catalog import BaseSpec
+from engines.lean_decode import LeanDecoder, fuse_projections
+from engines.loader import load_base
+from engines.multilora import LoraWeights, multilora_for
+from engines.native import DENSE_MAX_ROWS, NativeKernels
+from engines.native_step import StepPlan
+from tests.conftest import TinyModels
+from tests.engines.test_lean_decode import PROMPTS, assert_steps_match, build, filled_cache, lean_step, llama
+from tests.engines.test_native import needs_compiler
+
+pytestmark = needs_compiler
+
+
+def fused_llama() -> Any:
+    model = llama()
+    fuse_projections(model)
+    return model
+
+
+def counting_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets one entry per compiled step run from now on."""
+    runs: list[int] = []
+    real_run = StepPlan.run
+
+    def run(self: StepPlan, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        runs.append(x.shape[0])
+        return real_run(self, x, *args)
+
+    monkeypatch.setattr(StepPlan, "run", run)
+    return runs
+
+
+def test_the_compiled_step_matches_transformers_on_left_padded_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = counting_runs(monkeypatch)
+    assert_steps_match(fused_llama(), PROMPTS, steps=12)  # 12 steps: the cache grows past its 8 columns
+    assert runs == [len(PROMPTS)] * 12
+
+
+def int8_model(tiny_models: TinyModels) -> Any:
+    spec = BaseSpec(name="tiny", source=str(tiny_models.base), quantization="int8", dtype="float32")
+    return load_base(spec).model
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_the_compiled_step_gives_the_separate_calls_logits_and_cache_bit_for_bit(
+    precision: str, tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = fused_llama() if precision == "float32" else int8_model(tiny_models)
+    decoder = LeanDecoder.for_model(model)
+    assert decoder is not None and decoder.plan is not None
+    runs = counting_runs(monkeypatch)
+    plan = decoder.plan
+    with torch.inference_mode():
+        compiled_kv, separate_kv = filled_cache(model, PROMPTS), filled_cache(model, PROMPTS)
+        ids = torch.tensor([[p[-1]] for p in PROMPTS])
+        for _ in range(10):  # past the cache's 8 columns: new buffers at new addresses
+            decoder.plan = plan
+            compiled = lean_step(decoder, compiled_kv, ids)
+            decoder.plan = None
+            separate = lean_step(decoder, separate_kv, ids)
+            assert torch.equal(compiled, separate)
+            ids = compiled.argmax(-1, keepdim=True)
+    assert len(runs) == 10
+    for layer in range(model.config.num_hidden_layers):
+        assert torch.equal(compiled_kv.keys[layer], separate_kv.keys[layer])
+        assert torch.equal(compiled_kv.values[layer], separate_kv.values[layer])
+
+
+def test_adapter_rows_take_the_separate_calls_and_idle_adapter_hooks_keep_the_compiled_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = fused_llama()
+    decoder = LeanDecoder.for_model(model)
+    assert decoder is not None
+    ids = torch.tensor([[p[-1]] for p in PROMPTS])
+    with torch.inference_mode():
+        before = lean_step(decoder, filled_cache(model, PROMPTS), ids)
+    torch.manual_seed(3)
+    module = "model.layers.0.mlp.down_proj"
+    registry = multilora_for(model)
+    slot = registry.add("a", LoraWeights({module: (torch.randn(4, 128) * 0.3, torch.randn(64, 4) * 0.3)}))
+    runs = counting_runs(monkeypatch)
+    with torch.inference_mode():
+        registry.set_rows([0, 0, 0])  # an adapter is attached, but no row of this batch uses it
+        idle = lean_step(decoder, filled_cache(model, PROMPTS), ids)
+        assert runs == [len(PROMPTS)]
+        registry.set_rows([slot, 0, slot])
+        adapted = lean_step(decoder, filled_cache(model, PROMPTS), ids)
+        registry.set_rows([])
+    assert runs == [len(PROMPTS)]  # adapter rows went through the separate calls, hooks applied
+    assert torch.equal(idle, before)
+    assert not torch.allclose(adapted[0], before[0])
+    torch.testing.assert_close(adapted[1], before[1])
+
+
+def qwen2_with_biases() -> Any:
+    model = build(Qwen2Config, Qwen2ForCausalLM)
+    fuse_projections(model)
+    return model
+
+
+@pytest.mark.parametrize(
+    "model_factory",
+    [
+        llama,  # q/k/v not fused: no one matrix to hand the compiled step
+        qwen2_with_biases,  # q/k/v biases
+        lambda: fused_llama().to(torch.bfloat16),  # the compiled kernels take float32 only
+    ],
+    ids=["unfused", "qkv-biases", "bf16"],
+)
+def test_the_plan_stays_off_for_weights_the_compiled_step_does_not_read(model_factory: Any) -> None:
+    decoder = LeanDecoder.for_model(model_factory())  # the lean step itself still serves these
+    assert decoder is not None and decoder.plan is None
+
+
+def test_the_plan_stays_off_without_the_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(NativeKernels, "load", lambda: None)
+    decoder = LeanDecoder.for_model(fused_llama())
+    assert decoder is not None and decoder.plan is None
+
+
+def test_float32_steps_of_more_rows_than_the_compiled_product_takes_use_onednn() -> None:
+    model = fused_llama()
+    decoder = LeanDecoder.for_model(model)
+    assert decoder is not None and decoder.plan is not None
+    kv = filled_cache(model, PROMPTS)
+    assert decoder.plan.takes(len(PROMPTS), kv.keys, kv.values, kv.length)
+    assert not decoder.plan.takes(DENSE_MAX_ROWS + 1, kv.keys, kv.values, kv.length)
+    assert not decoder.plan.takes(len(PROMPTS), kv.keys, kv.values, kv.keys[0].shape[2])  # no column left
+
+
+def test_operands_the_compiled_step_cannot_read_raise_instead_of_reading_past_them() -> None:
+    model = fused_llama()
+    decoder = LeanDecoder.for_model(model)
+    assert decoder is not None and decoder.plan is not None
+    kv = filled_cache(model, PROMPTS)
+    kv.reserve(1)
+    rows, head_dim = len(PROMPTS), decoder.head_dim
+    assert decoder.plan.takes(rows, kv.keys, kv.values, kv.length)
+    x, factor = torch.zeros(rows, 64), torch.zeros(rows, head_dim)
+    starts = torch.tensor(kv.starts)
+    with pytest.raises(ValueError, match="activations"):
+        decoder.plan.run(x.to(torch.bfloat16), factor, factor, starts, kv.keys, kv.length)
+    with pytest.raises(ValueError, match="rotary"):
+        decoder.plan.run(x, factor[:, :8].contiguous(), factor, starts, kv.keys, kv.length)
+    with pytest.raises(ValueError, match="starts"):
+        decoder.plan.run(x, factor, factor, starts[:1], kv.keys, kv.length)
