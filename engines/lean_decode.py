@@ -32,8 +32,17 @@ import torch.nn.functional as F
 
 from engines.int8 import Int8Linear, int8_linear
 from engines.kvcache import BatchKVCache
+from engines.multilora import LoraHook
 from engines.native import NativeKernels
-from engines.native_step import LayerWeights, Product, StepPlan, StepSizes
+from engines.native_step import (
+    LORA_PROJECTIONS,
+    LayerWeights,
+    LoraStack,
+    Product,
+    StepAdapters,
+    StepPlan,
+    StepSizes,
+)
 
 log = logging.getLogger("peft_gateway.lean_decode")
 
@@ -330,6 +339,7 @@ class LeanDecoder:
         self.projections.append(self.lm_head)
         #: The whole float32 step as one compiled call, where the kernels are built and the weights fit.
         self.plan = self._compiled_plan()
+        self._adapter_layers: tuple[tuple[Any, ...], list[tuple[LoraStack | None, ...]]] | None = None
         if self.plan is not None:
             log.info("decode steps of %s run as one compiled call", type(model).__name__)
 
@@ -386,18 +396,50 @@ class LeanDecoder:
         rows = ids.shape[0]
         starts = torch.tensor(kv.starts, dtype=torch.long) if kv.device.type == "cpu" else None
         plan = self.plan
-        if (
-            starts is not None
-            and plan is not None
-            and plan.takes(rows, kv.keys, kv.values, kv.length)
-            and _hooks_idle(*self.projections)
-        ):
-            x = self.embed(ids.view(rows))
-            cos, sin = self.rotary(x, positions)
-            cos, sin = cos.reshape(rows, self.head_dim), sin.reshape(rows, self.head_dim)
-            return plan.run(x, cos.contiguous(), sin.contiguous(), starts, kv.keys, kv.length)
+        if starts is not None and plan is not None and plan.takes(rows, kv.keys, kv.values, kv.length):
+            compiled, adapters = self._compiled_adapters(plan, rows)
+            if compiled:
+                x = self.embed(ids.view(rows))
+                cos, sin = self.rotary(x, positions)
+                cos, sin = cos.reshape(rows, self.head_dim), sin.reshape(rows, self.head_dim)
+                return plan.run(x, cos.contiguous(), sin.contiguous(), starts, kv.keys, kv.length, adapters)
         mask = _padding_mask(kv, kv.length + 1, ids.device)
         return self.forward(ids, positions, mask, kv.length, kv.keys, kv.values, starts)
+
+    def _compiled_adapters(self, plan: StepPlan, rows: int) -> tuple[bool, StepAdapters | None]:
+        """Whether the compiled step can run with this step's hooks, and the adapter rows it must add.
+
+        Hooks that change nothing this step are skipped; unmerged-adapter hooks of one registry on the
+        layers' projections become the step's ``StepAdapters`` (the stacks' addresses are re-read only
+        when the registry's ``version`` moved). Any other hook, or one on the LM head, keeps the
+        separate calls, where hooks run as they are.
+        """
+        active: list[LoraHook | None] = []
+        for layer in self.projections:
+            applied = None
+            for hook in layer._forward_hooks.values():
+                idle_for = getattr(hook, "idle_for", None)
+                if idle_for is not None and idle_for(layer):
+                    continue
+                if not isinstance(hook, LoraHook) or applied is not None:
+                    return False, None
+                applied = hook
+            active.append(applied)
+        hooks = [hook for hook in active if hook is not None]
+        if not hooks:
+            return True, None
+        owner = hooks[0].owner
+        slots = hooks[0].row_slots()
+        if active[-1] is not None or slots is None or any(hook.owner is not owner for hook in hooks):
+            return False, None
+        key = (id(owner), owner.version, tuple(hook is not None for hook in active))
+        if self._adapter_layers is None or self._adapter_layers[0] != key:
+            stacks = [LoraStack(hook.stack.a, hook.stack.b) if hook else None for hook in active[:-1]]
+            width = len(LORA_PROJECTIONS)
+            layers = [tuple(stacks[i : i + width]) for i in range(0, len(stacks), width)]
+            self._adapter_layers = (key, layers)
+        adapters = StepAdapters(slots, self._adapter_layers[1])
+        return plan.takes_adapters(rows, adapters), adapters
 
     def forward(
         self,

@@ -141,6 +141,9 @@ class MultiLora:
         self._rows: torch.Tensor | None = None
         self._uniform: int | None = None
         self.lock = threading.RLock()
+        #: Bumped whenever a stack may have moved (an adapter added or removed): what the compiled
+        #: decode step's table of stack addresses is keyed by.
+        self.version = 0
 
     @property
     def adapters(self) -> int:
@@ -184,6 +187,7 @@ class MultiLora:
             return self._add(key, weights)
 
     def _add(self, key: str, weights: LoraWeights) -> int:
+        self.version += 1
         for module in weights.modules:
             layer = self._modules.get(module)
             if not isinstance(layer, torch.nn.Linear | Int8Linear):
@@ -212,6 +216,7 @@ class MultiLora:
         with self.lock:
             if self._slots.pop(slot, None) is None:
                 return
+            self.version += 1
             for stack in self._stacks.values():
                 if slot < stack.a.shape[0]:
                     stack.put(slot, None)
@@ -228,11 +233,11 @@ class MultiLora:
         # and an add per layer instead of two gathers and two batched products.
         self._uniform = slots[0] if all(slot == slots[0] for slot in slots) else None
 
-    def _hook_for(self, stack: _Stack, layer: torch.nn.Module) -> _LoraHook:
-        return _LoraHook(self, stack, layer)
+    def _hook_for(self, stack: _Stack, layer: torch.nn.Module) -> LoraHook:
+        return LoraHook(self, stack, layer)
 
 
-class _LoraHook:
+class LoraHook:
     """The forward hook that adds each row's adapter term to one base layer's output.
 
     A class rather than a closure so that ``idle_for`` can tell the lean step when it changes nothing
@@ -245,6 +250,10 @@ class _LoraHook:
 
     def idle_for(self, module: torch.nn.Module) -> bool:
         return self.owner._rows is None or module is not self.layer
+
+    def row_slots(self) -> torch.Tensor | None:
+        """Each row's adapter slot for this forward pass (0: none); ``None`` outside one."""
+        return self.owner._rows
 
     def __call__(
         self, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor

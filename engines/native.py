@@ -93,8 +93,9 @@ class NativeKernels:
             *(size, size, size, size, size, size, size),
         )
         # The whole step (engines.native_step builds its operands): table, layers, K/V addresses, final
-        # norm, LM head and its scales, sizes, x, cos, sin, starts, work, logits, threads.
-        self.decode_step = _bind(library, "decode_step_f32", pointer, size, *[pointer] * 12, count)
+        # norm, LM head and its scales, sizes, x, cos, sin, starts, work, logits, adapter table, slots,
+        # adapter scratch, threads.
+        self.decode_step = _bind(library, "decode_step_f32", pointer, size, *[pointer] * 15, count)
         self.decode_step_work_floats = _bind(library, "decode_step_work_floats", pointer)
         self.decode_step_work_floats.restype = size
 

@@ -55,6 +55,48 @@ class _StepShape(ctypes.Structure):
     _fields_ = [*((name, ctypes.c_long) for name in _SHAPE_FIELDS), ("eps", ctypes.c_float)]
 
 
+class _LoraPair(ctypes.Structure):
+    _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("rank", ctypes.c_long)]
+
+
+#: The projections of a layer an adapter can target, in ``step_lora``'s order.
+LORA_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+class _StepLora(ctypes.Structure):
+    _fields_ = [(name, _LoraPair) for name in LORA_PROJECTIONS]
+
+
+@dataclass(frozen=True)
+class LoraStack:
+    """One projection's unmerged adapters by slot: ``a [slots, rank, in]``, ``b [slots, out, rank]``."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+    def fits(self, out_features: int, in_features: int) -> bool:
+        a, b = self.a, self.b
+        return (
+            a.dim() == 3
+            and b.dim() == 3
+            and all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in (a, b))
+            and a.shape[2] == in_features
+            and tuple(b.shape) == (a.shape[0], out_features, a.shape[1])
+        )
+
+
+@dataclass(frozen=True)
+class StepAdapters:
+    """A step's unmerged adapter rows: each row's slot (0: none) and each layer's stacks by projection.
+
+    ``layers[i][j]`` is the stack of layer ``i``'s ``LORA_PROJECTIONS[j]``, ``None`` where no adapter
+    targets it.
+    """
+
+    slots: torch.Tensor
+    layers: list[tuple[LoraStack | None, ...]]
+
+
 @dataclass(frozen=True)
 class Product:
     """One projection's weights: float32 ``[out, in]``, or int8 with one bf16 scale per output channel."""
@@ -129,6 +171,20 @@ class StepPlan:
         self._cache_key: tuple[int, ...] = ()
         self._keys: ctypes.Array[ctypes.c_void_p] | None = None
         self._values: ctypes.Array[ctypes.c_void_p] | None = None
+        self._lora_key: tuple[int, ...] = ()
+        self._lora: ctypes.Array[_StepLora] | None = None
+        s = sizes
+        attended, kv_width = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        #: ``(out, in)`` of each adapter-targetable projection, in ``LORA_PROJECTIONS``' order.
+        self._lora_shapes = (
+            (attended, s.hidden),
+            (kv_width, s.hidden),
+            (kv_width, s.hidden),
+            (s.hidden, attended),
+            (s.intermediate, s.hidden),
+            (s.intermediate, s.hidden),
+            (s.hidden, s.intermediate),
+        )
 
     @classmethod
     def build(
@@ -177,6 +233,45 @@ class StepPlan:
             and self._cache_arrays(keys, values)
         )
 
+    def takes_adapters(self, rows: int, adapters: StepAdapters) -> bool:
+        """Whether the compiled step can add these adapter rows' terms (else the separate calls do)."""
+        slots = adapters.slots
+        if (
+            len(adapters.layers) != len(self._layers)
+            or slots.shape != (rows,)
+            or slots.dtype != torch.long
+            or not slots.is_contiguous()
+            or not slots.is_cpu
+        ):
+            return False
+        highest = int(slots.max()) if rows else 0
+        for layer in adapters.layers:
+            if len(layer) != len(LORA_PROJECTIONS):
+                return False
+            for stack, (out_features, in_features) in zip(layer, self._lora_shapes, strict=True):
+                if stack is not None and not (
+                    stack.fits(out_features, in_features) and highest < stack.a.shape[0]
+                ):
+                    return False
+        return int(slots.min()) >= 0
+
+    def _lora_table(self, adapters: StepAdapters) -> tuple[ctypes.Array[_StepLora], int]:
+        """The adapters' addresses for the C call (rebuilt only when a stack moved) and the largest rank."""
+        stacks = [stack for layer in adapters.layers for stack in layer]
+        key = tuple(
+            p
+            for stack in stacks
+            for p in ((stack.a.data_ptr(), stack.b.data_ptr(), stack.a.shape[1]) if stack else (0, 0, 0))
+        )
+        if key != self._lora_key or self._lora is None:
+            pairs = [_LoraPair(*key[i : i + 3]) for i in range(0, len(key), 3)]
+            width = len(LORA_PROJECTIONS)
+            self._lora = (_StepLora * len(adapters.layers))(
+                *(_StepLora(*pairs[i : i + width]) for i in range(0, len(pairs), width))
+            )
+            self._lora_key = key
+        return self._lora, max(key[2::3], default=0)
+
     def _cache_arrays(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> bool:
         """Each layer's K/V addresses for the C call, checked once per set of cache buffers."""
         shape = keys[0].shape
@@ -202,12 +297,14 @@ class StepPlan:
         starts: torch.Tensor,
         keys: list[torch.Tensor],
         column: int,
+        adapters: StepAdapters | None = None,
     ) -> torch.Tensor:
         """Logits ``[rows, vocab]``; ``x`` (the token embeddings) ends as the last hidden state.
 
         The caller checked ``takes`` for this step (which also records ``keys``' and its values'
         addresses); ``cos``/``sin`` are ``[rows, head_dim]`` for each row's new position and ``starts``
-        each row's first cache column (int64).
+        each row's first cache column (int64). ``adapters``, checked with ``takes_adapters``, adds
+        each row's unmerged adapter terms.
         """
         rows, s = x.shape[0], self.sizes
         if x.shape != (rows, s.hidden) or x.dtype != torch.float32 or not x.is_contiguous() or not x.is_cpu:
@@ -237,6 +334,11 @@ class StepPlan:
         work = torch.empty(self._kernels.decode_step_work_floats(ctypes.byref(shape)), dtype=torch.float32)
         logits = torch.empty(rows, s.vocab, dtype=torch.float32)
         lm_head = self._lm_head
+        lora, slots, lora_t = None, None, None
+        if adapters is not None:
+            lora, rank = self._lora_table(adapters)
+            slots = adapters.slots
+            lora_t = torch.empty(rows * max(rank, 1), dtype=torch.float32)
         self._kernels.decode_step(
             self._table,
             len(self._layers),
@@ -252,6 +354,9 @@ class StepPlan:
             starts.data_ptr(),
             work.data_ptr(),
             logits.data_ptr(),
+            lora,
+            _address(slots),
+            _address(lora_t),
             torch.get_num_threads(),
         )
         return logits

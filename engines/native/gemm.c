@@ -237,6 +237,48 @@ static void product(const float *x, const void *w, const uint16_t *scales, const
         f32_kernel(x, (const float *)w, 0, add, out, M, N, K);
 }
 
+/* One projection's unmerged adapters, stacked by slot: a [slots, rank, in], b [slots, out, rank] (its
+ * scale folded in); slot 0 (no adapter) is all zeros. a NULL: no adapter targets the projection. */
+typedef struct {
+    const float *a, *b;
+    long rank;
+} lora_pair;
+
+/* A layer's adapters for decode_step, one pair per projection. */
+typedef struct {
+    lora_pair q, k, v, o, gate, up, down;
+} step_lora;
+
+/* out[r, n] += b[slot, n] . (a[slot] @ x[r]) for each row r whose slot (slots[r]) is not 0: the term
+ * engines/multilora.py's hook adds, inside the region. The rank-sized products (a few thousand
+ * multiply-adds a row) on one thread into t (rows * rank floats), then the channels shared out. */
+static void lora_add(const lora_pair *p, const long *slots, const float *x, long x_stride, long K, float *out,
+                     long out_stride, long N, long rows, float *t) {
+    if (!p->a || p->rank == 0) return; /* the same branch on every thread: the barriers stay paired */
+    const long R = p->rank;
+#pragma omp single
+    for (long r = 0; r < rows; r++) {
+        if (!slots[r]) continue;
+        const float *a = p->a + slots[r] * R * K, *xr = x + r * x_stride;
+        for (long j = 0; j < R; j++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (long k = 0; k < K; k += 8)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j * K + k), _mm256_loadu_ps(xr + k), acc);
+            t[r * R + j] = hsum(acc);
+        }
+    }
+#pragma omp for schedule(static)
+    for (long n = 0; n < N; n++) {
+        for (long r = 0; r < rows; r++) {
+            if (!slots[r]) continue;
+            const float *b = p->b + (slots[r] * N + n) * R, *tr = t + r * R;
+            float sum = 0.0f;
+            for (long j = 0; j < R; j++) sum += b[j] * tr[j];
+            out[r * out_stride + n] += sum;
+        }
+    }
+}
+
 /* Floats of the work buffer decode_step carves its intermediates from (the caller allocates it). */
 long decode_step_work_floats(const step_shape *s) {
     long qkv = (s->heads + 2 * s->kv_heads) * s->head_dim, attended = s->heads * s->head_dim;
@@ -246,7 +288,9 @@ long decode_step_work_floats(const step_shape *s) {
 /* A whole float32 decode step of a Llama-family model in one call: for each layer the RMS norm, the
  * fused q/k/v product, rotary embedding with the K/V write, attention, the output product onto the
  * residual, the second norm, the fused gate/up product, the SiLU gate and the down product onto the
- * residual; then the final norm and the LM head into logits [rows, vocab]. x [rows, hidden] holds the
+ * residual; then the final norm and the LM head into logits [rows, vocab]. With lora (one step_lora
+ * per layer; NULL: none), each row's unmerged adapter term is added to each projection it targets,
+ * slots[r] naming row r's adapter and lora_t holding rows * (largest rank) floats. x [rows, hidden] holds the
  * token embeddings and is overwritten with the last hidden state; keys/values are each layer's cache
  * buffers. The same kernels, in the same order, as the step made of separate calls (so the same
  * logits): what goes is the interpreter between them, about 200 us a layer on a 2-core CPU, a quarter
@@ -256,7 +300,8 @@ long decode_step_work_floats(const step_shape *s) {
 void decode_step_f32(const step_layer *layers, long n_layers, float *const *keys, float *const *values,
                      const float *final_norm, const void *lm_head, const uint16_t *lm_head_scales,
                      const step_shape *s, float *x, const float *cos, const float *sin, const long *starts,
-                     float *work, float *logits, int threads) {
+                     float *work, float *logits, const step_lora *lora, const long *slots, float *lora_t,
+                     int threads) {
     const long rows = s->rows, hidden = s->hidden, D = s->head_dim, I = s->intermediate;
     const long qkv_width = (s->heads + 2 * s->kv_heads) * D, attended_width = s->heads * D;
     float *h = work, *qkv = h + rows * hidden, *q = qkv + rows * qkv_width;
@@ -270,21 +315,37 @@ void decode_step_f32(const step_layer *layers, long n_layers, float *const *keys
 #pragma omp single
             rms_norm_f32(x, L->input_norm, h, rows, hidden, s->eps);
             product(h, L->qkv, L->qkv_scales, 0, qkv, rows, qkv_width, hidden);
+            if (lora) {
+                const step_lora *A = &lora[l];
+                lora_add(&A->q, slots, h, hidden, hidden, qkv, qkv_width, attended_width, rows, lora_t);
+                lora_add(&A->k, slots, h, hidden, hidden, qkv + attended_width, qkv_width, s->kv_heads * D,
+                         rows, lora_t);
+                lora_add(&A->v, slots, h, hidden, hidden, qkv + attended_width + s->kv_heads * D, qkv_width,
+                         s->kv_heads * D, rows, lora_t);
+            }
 #pragma omp single
             rotary_kv_write_f32(qkv, qkv_width, cos, sin, q, keys[l], values[l], s->kv_row_stride,
                                 s->kv_head_stride, s->column, rows, s->heads, s->kv_heads, D);
             attention(q, attended_width, keys[l], values[l], s->kv_row_stride, s->kv_head_stride, starts,
                       s->column + 1, attended, scratch, rows, s->kv_heads, s->heads / s->kv_heads, D, scale);
             product(attended, L->o, L->o_scales, x, x, rows, hidden, attended_width);
+            if (lora)
+                lora_add(&lora[l].o, slots, attended, attended_width, attended_width, x, hidden, hidden, rows,
+                         lora_t);
 #pragma omp single
             rms_norm_f32(x, L->post_norm, h, rows, hidden, s->eps);
             product(h, L->gate_up, L->gate_up_scales, 0, gate_up, rows, 2 * I, hidden);
+            if (lora) {
+                lora_add(&lora[l].gate, slots, h, hidden, hidden, gate_up, 2 * I, I, rows, lora_t);
+                lora_add(&lora[l].up, slots, h, hidden, hidden, gate_up + I, 2 * I, I, rows, lora_t);
+            }
 #pragma omp for schedule(static)
             for (long e = 0; e < rows * I; e++) {
                 const float *gate = gate_up + (e / I) * 2 * I + e % I;
                 act[e] = gate[0] / (1.0f + expf(-gate[0])) * gate[I];
             }
             product(act, L->down, L->down_scales, x, x, rows, hidden, I);
+            if (lora) lora_add(&lora[l].down, slots, act, I, I, x, hidden, hidden, rows, lora_t);
         }
 #pragma omp single
         rms_norm_f32(x, final_norm, h, rows, hidden, s->eps);

@@ -76,7 +76,81 @@ def test_the_compiled_step_gives_the_separate_calls_logits_and_cache_bit_for_bit
         assert torch.equal(compiled_kv.values[layer], separate_kv.values[layer])
 
 
-def test_adapter_rows_take_the_separate_calls_and_idle_adapter_hooks_keep_the_compiled_step(
+def random_adapter(model: Any, rank: int, seed: int) -> LoraWeights:
+    """An adapter on all seven projections of every layer, large enough to change the answer."""
+    generator = torch.Generator().manual_seed(seed)
+    modules = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in (
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ):
+            a = torch.randn(rank, module.in_features, generator=generator) * 0.3
+            modules[name] = (a, torch.randn(module.out_features, rank, generator=generator) * 0.3)
+    return LoraWeights(modules)
+
+
+def steps_three_ways(model: Any, slots: list[int], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """One step of PROMPTS: compiled with ``slots``' adapter rows, separate calls with them, and base."""
+    decoder = LeanDecoder.for_model(model)
+    assert decoder is not None and decoder.plan is not None
+    plan, registry = decoder.plan, multilora_for(model)
+    ids = torch.tensor([[p[-1]] for p in PROMPTS])
+    runs = counting_runs(monkeypatch)
+    results: dict[str, Any] = {}
+    with torch.inference_mode():
+        for name, rows, compiled in [
+            ("compiled", slots, True),
+            ("separate", slots, False),
+            ("base", [], True),
+        ]:
+            decoder.plan = plan if compiled else None
+            registry.set_rows(rows)
+            results[name] = lean_step(decoder, filled_cache(model, PROMPTS), ids)
+        registry.set_rows([])
+    results["runs"] = len(runs)
+    return results
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_adapter_rows_get_their_terms_inside_the_compiled_step(
+    precision: str, tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = fused_llama() if precision == "float32" else int8_model(tiny_models)
+    registry = multilora_for(model)
+    first, second = (
+        registry.add("a", random_adapter(model, 4, 1)),
+        registry.add("b", random_adapter(model, 2, 2)),
+    )
+    results = steps_three_ways(model, [first, 0, second], monkeypatch)
+    assert results["runs"] == 2  # adapter rows and base rows both ran compiled
+    # The hooks' terms, summed in another order: float32 rounding apart.
+    torch.testing.assert_close(results["compiled"], results["separate"], atol=1e-5, rtol=0)
+    for row in (0, 2):
+        assert not torch.allclose(results["compiled"][row], results["base"][row], atol=0.1)
+    assert torch.equal(results["compiled"][1], results["base"][1])  # no adapter: nothing added
+
+
+def test_idle_adapter_hooks_keep_the_compiled_step_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = fused_llama()
+    decoder = LeanDecoder.for_model(model)
+    assert decoder is not None
+    ids = torch.tensor([[p[-1]] for p in PROMPTS])
+    with torch.inference_mode():
+        before = lean_step(decoder, filled_cache(model, PROMPTS), ids)
+    multilora_for(model).add("a", random_adapter(model, 4, 1))  # attached, but no row of this batch uses it
+    results = steps_three_ways(model, [0, 0, 0], monkeypatch)
+    assert results["runs"] == 2
+    assert torch.equal(results["compiled"], before)
+    assert torch.equal(results["base"], before)
+
+
+def test_a_hook_the_compiled_step_cannot_apply_keeps_the_separate_calls(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     model = fused_llama()
@@ -85,22 +159,12 @@ def test_adapter_rows_take_the_separate_calls_and_idle_adapter_hooks_keep_the_co
     ids = torch.tensor([[p[-1]] for p in PROMPTS])
     with torch.inference_mode():
         before = lean_step(decoder, filled_cache(model, PROMPTS), ids)
-    torch.manual_seed(3)
-    module = "model.layers.0.mlp.down_proj"
-    registry = multilora_for(model)
-    slot = registry.add("a", LoraWeights({module: (torch.randn(4, 128) * 0.3, torch.randn(64, 4) * 0.3)}))
+    model.model.layers[1].mlp.up_proj.register_forward_hook(lambda module, inputs, output: output * 2)
     runs = counting_runs(monkeypatch)
     with torch.inference_mode():
-        registry.set_rows([0, 0, 0])  # an adapter is attached, but no row of this batch uses it
-        idle = lean_step(decoder, filled_cache(model, PROMPTS), ids)
-        assert runs == [len(PROMPTS)]
-        registry.set_rows([slot, 0, slot])
-        adapted = lean_step(decoder, filled_cache(model, PROMPTS), ids)
-        registry.set_rows([])
-    assert runs == [len(PROMPTS)]  # adapter rows went through the separate calls, hooks applied
-    assert torch.equal(idle, before)
-    assert not torch.allclose(adapted[0], before[0])
-    torch.testing.assert_close(adapted[1], before[1])
+        hooked = lean_step(decoder, filled_cache(model, PROMPTS), ids)
+    assert runs == []
+    assert not torch.allclose(hooked, before)
 
 
 def qwen2_with_biases() -> Any:
