@@ -396,17 +396,21 @@ class LeanDecoder:
         rows = ids.shape[0]
         starts = torch.tensor(kv.starts, dtype=torch.long) if kv.device.type == "cpu" else None
         plan = self.plan
-        if starts is not None and plan is not None and plan.takes(rows, kv.keys, kv.values, kv.length):
-            compiled, adapters = self._compiled_adapters(plan, rows)
+        if starts is not None and plan is not None and plan.takes_rows(rows):
+            compiled, adapters = self._compiled_adapters()
             if compiled:
                 x = self.embed(ids.view(rows))
                 cos, sin = self.rotary(x, positions)
                 cos, sin = cos.reshape(rows, self.head_dim), sin.reshape(rows, self.head_dim)
-                return plan.run(x, cos.contiguous(), sin.contiguous(), starts, kv.keys, kv.length, adapters)
+                logits = plan.run(
+                    x, cos.contiguous(), sin.contiguous(), starts, kv.keys, kv.values, kv.length, adapters
+                )
+                if logits is not None:
+                    return logits
         mask = _padding_mask(kv, kv.length + 1, ids.device)
         return self.forward(ids, positions, mask, kv.length, kv.keys, kv.values, starts)
 
-    def _compiled_adapters(self, plan: StepPlan, rows: int) -> tuple[bool, StepAdapters | None]:
+    def _compiled_adapters(self) -> tuple[bool, StepAdapters | None]:
         """Whether the compiled step can run with this step's hooks, and the adapter rows it must add.
 
         Hooks that change nothing this step are skipped; unmerged-adapter hooks of one registry on the
@@ -438,8 +442,7 @@ class LeanDecoder:
             width = len(LORA_PROJECTIONS)
             layers = [tuple(stacks[i : i + width]) for i in range(0, len(stacks), width)]
             self._adapter_layers = (key, layers)
-        adapters = StepAdapters(slots, self._adapter_layers[1])
-        return plan.takes_adapters(rows, adapters), adapters
+        return True, StepAdapters(slots, self._adapter_layers[1])
 
     def forward(
         self,

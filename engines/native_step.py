@@ -15,6 +15,7 @@ bf16 activations, float32 products of more rows than the compiled kernel takes, 
 from __future__ import annotations
 
 import ctypes
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -173,6 +174,9 @@ class StepPlan:
         self._values: ctypes.Array[ctypes.c_void_p] | None = None
         self._lora_key: tuple[int, ...] = ()
         self._lora: ctypes.Array[_StepLora] | None = None
+        self._lora_slots = 0  # slots in the smallest stack of the table
+        # One step at a time: the cached address tables must not change under a running call.
+        self._lock = threading.Lock()
         s = sizes
         attended, kv_width = s.heads * s.head_dim, s.kv_heads * s.head_dim
         #: ``(out, in)`` of each adapter-targetable projection, in ``LORA_PROJECTIONS``' order.
@@ -218,13 +222,17 @@ class StepPlan:
                 return None
         return cls(kernels, layers, final_norm, lm_head, sizes)
 
+    def takes_rows(self, rows: int) -> bool:
+        """A first check, before the caller prepares the step's inputs: float32 products take at most
+        ``DENSE_MAX_ROWS`` rows (oneDNN serves more)."""
+        return rows > 0 and (self.max_rows is None or rows <= self.max_rows)
+
     def takes(self, rows: int, keys: list[torch.Tensor], values: list[torch.Tensor], column: int) -> bool:
         """Whether a step of ``rows`` rows on this cache is what the compiled step reads and writes."""
         head = keys[0] if keys else None
         return (
             head is not None
-            and rows > 0
-            and (self.max_rows is None or rows <= self.max_rows)
+            and self.takes_rows(rows)
             and len(keys) == len(values) == len(self._layers)
             and head.dim() == 4
             and rows <= head.shape[0]
@@ -233,43 +241,47 @@ class StepPlan:
             and self._cache_arrays(keys, values)
         )
 
-    def takes_adapters(self, rows: int, adapters: StepAdapters) -> bool:
-        """Whether the compiled step can add these adapter rows' terms (else the separate calls do)."""
+    def _adapter_table(self, rows: int, adapters: StepAdapters) -> tuple[ctypes.Array[_StepLora], int] | None:
+        """The adapters' addresses for the C call and the largest rank; ``None`` where any is unfit.
+
+        The stacks are checked and the table built only when one moved (the key is their addresses
+        and ranks); the row slots every step, so that no slot indexes past a stack.
+        """
         slots = adapters.slots
         if (
             len(adapters.layers) != len(self._layers)
+            or any(len(layer) != len(LORA_PROJECTIONS) for layer in adapters.layers)
             or slots.shape != (rows,)
             or slots.dtype != torch.long
             or not slots.is_contiguous()
             or not slots.is_cpu
+            or int(slots.min()) < 0
         ):
-            return False
-        highest = int(slots.max()) if rows else 0
-        for layer in adapters.layers:
-            if len(layer) != len(LORA_PROJECTIONS):
-                return False
-            for stack, (out_features, in_features) in zip(layer, self._lora_shapes, strict=True):
-                if stack is not None and not (
-                    stack.fits(out_features, in_features) and highest < stack.a.shape[0]
-                ):
-                    return False
-        return int(slots.min()) >= 0
-
-    def _lora_table(self, adapters: StepAdapters) -> tuple[ctypes.Array[_StepLora], int]:
-        """The adapters' addresses for the C call (rebuilt only when a stack moved) and the largest rank."""
+            return None
         stacks = [stack for layer in adapters.layers for stack in layer]
         key = tuple(
-            p
+            value
             for stack in stacks
-            for p in ((stack.a.data_ptr(), stack.b.data_ptr(), stack.a.shape[1]) if stack else (0, 0, 0))
+            for value in ((stack.a.data_ptr(), stack.b.data_ptr(), stack.a.shape[1]) if stack else (0, 0, 0))
         )
         if key != self._lora_key or self._lora is None:
+            shapes = self._lora_shapes * len(adapters.layers)
+            if any(
+                stack is not None and not stack.fits(*shape)
+                for stack, shape in zip(stacks, shapes, strict=True)
+            ):
+                return None
             pairs = [_LoraPair(*key[i : i + 3]) for i in range(0, len(key), 3)]
             width = len(LORA_PROJECTIONS)
             self._lora = (_StepLora * len(adapters.layers))(
                 *(_StepLora(*pairs[i : i + width]) for i in range(0, len(pairs), width))
             )
-            self._lora_key = key
+            self._lora_key, self._lora_slots = (
+                key,
+                min((stack.a.shape[0] for stack in stacks if stack is not None), default=0),
+            )
+        if int(slots.max()) >= self._lora_slots:
+            return None
         return self._lora, max(key[2::3], default=0)
 
     def _cache_arrays(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> bool:
@@ -296,15 +308,16 @@ class StepPlan:
         sin: torch.Tensor,
         starts: torch.Tensor,
         keys: list[torch.Tensor],
+        values: list[torch.Tensor],
         column: int,
         adapters: StepAdapters | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         """Logits ``[rows, vocab]``; ``x`` (the token embeddings) ends as the last hidden state.
 
-        The caller checked ``takes`` for this step (which also records ``keys``' and its values'
-        addresses); ``cos``/``sin`` are ``[rows, head_dim]`` for each row's new position and ``starts``
-        each row's first cache column (int64). ``adapters``, checked with ``takes_adapters``, adds
-        each row's unmerged adapter terms.
+        ``cos``/``sin`` are ``[rows, head_dim]`` for each row's new position and ``starts`` each row's
+        first cache column (int64); ``adapters`` adds each row's unmerged adapter terms. ``None``
+        (nothing run, nothing written) where the cache or the adapters are not what the compiled
+        step takes: the caller runs the separate calls.
         """
         rows, s = x.shape[0], self.sizes
         if x.shape != (rows, s.hidden) or x.dtype != torch.float32 or not x.is_contiguous() or not x.is_cpu:
@@ -318,6 +331,30 @@ class StepPlan:
                 raise ValueError(f"rotary factors must be contiguous float32 [{rows}, {s.head_dim}]")
         if starts.dtype != torch.long or not starts.is_contiguous() or starts.numel() != rows:
             raise ValueError("starts must be one int64 column index per row")
+        with self._lock:  # checked and run under one lock: what was checked is what runs
+            if not self.takes(rows, keys, values, column):
+                return None
+            lora, rank = None, 0
+            if adapters is not None:
+                table = self._adapter_table(rows, adapters)
+                if table is None:
+                    return None
+                lora, rank = table
+            return self._run(x, cos, sin, starts, keys, column, lora, adapters, rank)
+
+    def _run(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        starts: torch.Tensor,
+        keys: list[torch.Tensor],
+        column: int,
+        lora: ctypes.Array[_StepLora] | None,
+        adapters: StepAdapters | None,
+        rank: int,
+    ) -> torch.Tensor:
+        rows, s = x.shape[0], self.sizes
         shape = _StepShape(
             rows,
             s.hidden,
@@ -334,11 +371,8 @@ class StepPlan:
         work = torch.empty(self._kernels.decode_step_work_floats(ctypes.byref(shape)), dtype=torch.float32)
         logits = torch.empty(rows, s.vocab, dtype=torch.float32)
         lm_head = self._lm_head
-        lora, slots, lora_t = None, None, None
-        if adapters is not None:
-            lora, rank = self._lora_table(adapters)
-            slots = adapters.slots
-            lora_t = torch.empty(rows * max(rank, 1), dtype=torch.float32)
+        slots = adapters.slots if adapters is not None else None
+        lora_t = torch.empty(rows * max(rank, 1), dtype=torch.float32) if lora is not None else None
         self._kernels.decode_step(
             self._table,
             len(self._layers),

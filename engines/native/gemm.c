@@ -250,22 +250,21 @@ typedef struct {
 } step_lora;
 
 /* out[r, n] += b[slot, n] . (a[slot] @ x[r]) for each row r whose slot (slots[r]) is not 0: the term
- * engines/multilora.py's hook adds, inside the region. The rank-sized products (a few thousand
- * multiply-adds a row) on one thread into t (rows * rank floats), then the channels shared out. */
+ * engines/multilora.py's hook adds, inside the region: t = a[slot] @ x[r] (rows * rank floats), then
+ * out, each step's work shared out among the threads (reading a and b is most of it: an adapter on all
+ * seven projections is as many bytes as 10% of a small int8 model's weights). */
 static void lora_add(const lora_pair *p, const long *slots, const float *x, long x_stride, long K, float *out,
                      long out_stride, long N, long rows, float *t) {
     if (!p->a || p->rank == 0) return; /* the same branch on every thread: the barriers stay paired */
     const long R = p->rank;
-#pragma omp single
-    for (long r = 0; r < rows; r++) {
+#pragma omp for schedule(static)
+    for (long task = 0; task < rows * R; task++) {
+        long r = task / R, j = task % R;
         if (!slots[r]) continue;
-        const float *a = p->a + slots[r] * R * K, *xr = x + r * x_stride;
-        for (long j = 0; j < R; j++) {
-            __m256 acc = _mm256_setzero_ps();
-            for (long k = 0; k < K; k += 8)
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j * K + k), _mm256_loadu_ps(xr + k), acc);
-            t[r * R + j] = hsum(acc);
-        }
+        const float *a = p->a + (slots[r] * R + j) * K, *xr = x + r * x_stride;
+        __m256 acc = _mm256_setzero_ps();
+        for (long k = 0; k < K; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(xr + k), acc);
+        t[task] = hsum(acc);
     }
 #pragma omp for schedule(static)
     for (long n = 0; n < N; n++) {

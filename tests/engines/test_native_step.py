@@ -13,7 +13,7 @@ from engines.lean_decode import LeanDecoder, fuse_projections
 from engines.loader import load_base
 from engines.multilora import LoraWeights, multilora_for
 from engines.native import DENSE_MAX_ROWS, NativeKernels
-from engines.native_step import StepPlan
+from engines.native_step import LoraStack, StepAdapters, StepPlan
 from tests.conftest import TinyModels
 from tests.engines.test_lean_decode import PROMPTS, assert_steps_match, build, filled_cache, lean_step, llama
 from tests.engines.test_native import needs_compiler
@@ -199,23 +199,46 @@ def test_float32_steps_of_more_rows_than_the_compiled_product_takes_use_onednn()
     assert decoder is not None and decoder.plan is not None
     kv = filled_cache(model, PROMPTS)
     assert decoder.plan.takes(len(PROMPTS), kv.keys, kv.values, kv.length)
+    assert not decoder.plan.takes_rows(DENSE_MAX_ROWS + 1)
     assert not decoder.plan.takes(DENSE_MAX_ROWS + 1, kv.keys, kv.values, kv.length)
-    assert not decoder.plan.takes(len(PROMPTS), kv.keys, kv.values, kv.keys[0].shape[2])  # no column left
+
+
+def step_operands(decoder: LeanDecoder, kv: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows = len(kv.starts)
+    return torch.zeros(rows, 64), torch.zeros(rows, decoder.head_dim), torch.tensor(kv.starts)
+
+
+def test_a_step_the_compiled_call_cannot_take_runs_nothing_and_writes_nothing() -> None:
+    model = fused_llama()
+    decoder = LeanDecoder.for_model(model)
+    assert decoder is not None and decoder.plan is not None
+    plan, kv = decoder.plan, filled_cache(model, PROMPTS)
+    kv.reserve(1)
+    x, factor, starts = step_operands(decoder, kv)
+    before = [key.clone() for key in kv.keys]
+    full = kv.keys[0].shape[2]
+    assert plan.run(x, factor, factor, starts, kv.keys, kv.values, full, None) is None  # no column left
+    assert plan.run(x, factor, factor, starts, kv.keys[:1], kv.values[:1], kv.length, None) is None
+    odd = [torch.zeros(key.shape[0], key.shape[1], 4, key.shape[3]) for key in kv.keys]  # other layers' shape
+    assert plan.run(x, factor, factor, starts, [kv.keys[0], *odd[1:]], kv.values, kv.length, None) is None
+    registry = multilora_for(model)
+    slot = registry.add("a", random_adapter(model, 2, 1))
+    stack = registry._stacks["model.layers.0.mlp.down_proj"]
+    beyond = StepAdapters(torch.tensor([0, slot + 1, 0]), [(None,) * 6 + (LoraStack(stack.a, stack.b),)] * 2)
+    assert plan.run(x, factor, factor, starts, kv.keys, kv.values, kv.length, beyond) is None
+    assert all(torch.equal(a, b) for a, b in zip(before, kv.keys, strict=True))
 
 
 def test_operands_the_compiled_step_cannot_read_raise_instead_of_reading_past_them() -> None:
     model = fused_llama()
     decoder = LeanDecoder.for_model(model)
     assert decoder is not None and decoder.plan is not None
-    kv = filled_cache(model, PROMPTS)
+    plan, kv = decoder.plan, filled_cache(model, PROMPTS)
     kv.reserve(1)
-    rows, head_dim = len(PROMPTS), decoder.head_dim
-    assert decoder.plan.takes(rows, kv.keys, kv.values, kv.length)
-    x, factor = torch.zeros(rows, 64), torch.zeros(rows, head_dim)
-    starts = torch.tensor(kv.starts)
+    x, factor, starts = step_operands(decoder, kv)
     with pytest.raises(ValueError, match="activations"):
-        decoder.plan.run(x.to(torch.bfloat16), factor, factor, starts, kv.keys, kv.length)
+        plan.run(x.to(torch.bfloat16), factor, factor, starts, kv.keys, kv.values, kv.length)
     with pytest.raises(ValueError, match="rotary"):
-        decoder.plan.run(x, factor[:, :8].contiguous(), factor, starts, kv.keys, kv.length)
+        plan.run(x, factor[:, :8].contiguous(), factor, starts, kv.keys, kv.values, kv.length)
     with pytest.raises(ValueError, match="starts"):
-        decoder.plan.run(x, factor, factor, starts[:1], kv.keys, kv.length)
+        plan.run(x, factor, factor, starts[:1], kv.keys, kv.values, kv.length)
