@@ -1,6 +1,6 @@
 """CPU speed against llama.cpp, as ratios to raw transformers ``generate`` measured in the same run.
 
-Run:  python -m bench.cpu_speed              (about 10 minutes on 2 cores)
+Run:  python -m bench.cpu_speed              (3-4 minutes on 2 cores, llama.cpp included)
       python -m bench.cpu_speed --quick      (32 tokens, fewer requests)
 
       python -m bench.cpu_speed --llama-server PATH/TO/llama-server   (llama.cpp measured beside it)
