@@ -318,7 +318,7 @@ class Engine:
             if isinstance(prompt, list)
             else encode_text(lease.loaded.tokenizer, prompt, add_special_tokens=True)
         )
-        vocab = len(lease.loaded.tokenizer)
+        vocab = lease.loaded.vocab_size
         if any(not 0 <= token < vocab for token in ids):
             raise InvalidGenerationRequest(f"Prompt token ids must be in [0, {vocab}).", param="prompt")
         request = self._request(lease, ids, max_tokens, sampling, stop, request_id, "prompt")
@@ -335,7 +335,7 @@ class Engine:
         param: str,
     ) -> GenerationRequest:
         context = lease.loaded.context_length
-        vocab = len(lease.loaded.tokenizer)
+        vocab = lease.loaded.vocab_size
         outside = [token for token in sampling.logit_bias if not 0 <= token < vocab]
         if outside:
             raise InvalidGenerationRequest(

@@ -59,6 +59,17 @@ class LoadedModel:
     serving_reason: str = ""
     #: "int8" for the engine's int8 weights (adapters then only unmerged), else as configured.
     quantization: str = "none"
+    _vocab: tuple[Any, int] | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def vocab_size(self) -> int:
+        """``len(tokenizer)``, counted once per tokenizer: transformers rebuilds the whole vocabulary to
+        count it (7 ms on a 49k-token tokenizer), which every request's id checks would pay before its
+        first token."""
+        cached = self._vocab
+        if cached is None or cached[0] is not self.tokenizer:
+            cached = self._vocab = (self.tokenizer, len(self.tokenizer))
+        return cached[1]
 
 
 @dataclass(frozen=True)

@@ -415,3 +415,23 @@ def test_sampling_defaults_come_only_from_explicit_generation_config_keys(tmp_pa
     assert read_sampling_defaults(tmp_path) == {"temperature": 0.0, "top_p": 0.9}
     (tmp_path / "generation_config.json").write_text('{"temperature": 0.6, "top_k": 20, "do_sample": true}')
     assert read_sampling_defaults(tmp_path) == {"temperature": 0.6, "top_k": 20.0}
+
+
+def test_the_vocabulary_is_counted_once_per_tokenizer() -> None:
+    """Counting a transformers tokenizer rebuilds its vocabulary; requests check ids against the count."""
+    from engines.loader import LoadedModel
+
+    class CountedTokenizer:
+        def __init__(self, size: int) -> None:
+            self.size, self.counted = size, 0
+
+        def __len__(self) -> int:
+            self.counted += 1
+            return self.size
+
+    first = CountedTokenizer(97)
+    loaded = LoadedModel("m", None, first, "float32", "cpu", 64, frozenset(), 0, 0.0)
+    assert [loaded.vocab_size for _ in range(3)] == [97, 97, 97]
+    assert first.counted == 1
+    loaded.tokenizer = CountedTokenizer(120)  # another tokenizer: counted afresh, not the stale size
+    assert loaded.vocab_size == 120

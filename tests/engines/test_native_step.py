@@ -71,9 +71,14 @@ def test_the_compiled_step_gives_the_separate_calls_logits_and_cache_bit_for_bit
             assert torch.equal(compiled, separate)
             ids = compiled.argmax(-1, keepdim=True)
     assert len(runs) == 10
+    written = (
+        slice(0, compiled_kv.rows),
+        slice(None),
+        slice(0, compiled_kv.length),
+    )  # the rest is never read
     for layer in range(model.config.num_hidden_layers):
-        assert torch.equal(compiled_kv.keys[layer], separate_kv.keys[layer])
-        assert torch.equal(compiled_kv.values[layer], separate_kv.values[layer])
+        assert torch.equal(compiled_kv.keys[layer][written], separate_kv.keys[layer][written])
+        assert torch.equal(compiled_kv.values[layer][written], separate_kv.values[layer][written])
 
 
 def random_adapter(model: Any, rank: int, seed: int) -> LoraWeights:
@@ -226,7 +231,10 @@ def test_a_step_the_compiled_call_cannot_take_runs_nothing_and_writes_nothing() 
     stack = registry._stacks["model.layers.0.mlp.down_proj"]
     beyond = StepAdapters(torch.tensor([0, slot + 1, 0]), [(None,) * 6 + (LoraStack(stack.a, stack.b),)] * 2)
     assert plan.run(x, factor, factor, starts, kv.keys, kv.values, kv.length, beyond) is None
-    assert all(torch.equal(a, b) for a, b in zip(before, kv.keys, strict=True))
+    # Bit for bit, unwritten cells included (compared as integers: an uninitialised NaN equals itself).
+    assert all(
+        torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(before, kv.keys, strict=True)
+    )
 
 
 def test_operands_the_compiled_step_cannot_read_raise_instead_of_reading_past_them() -> None:

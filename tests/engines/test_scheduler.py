@@ -251,3 +251,43 @@ def test_the_lean_step_is_built_once_per_model_not_per_batch(
 
     asyncio.run(scenario())
     assert len(built) == 1
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean step", "transformers forward"])
+def test_no_step_reads_a_kv_cell_before_it_is_written(
+    tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch, lean: bool
+) -> None:
+    """KV buffers start uninitialised: poisoned with NaN here, any read of an unwritten cell (padding
+    after rows join with longer prompts, growth, rows leaving) would turn an answer into garbage."""
+    import torch
+
+    from engines.kvcache import BatchKVCache
+
+    def alone_then_together() -> tuple[list[str], list[str]]:
+        engine = Engine(tiny_catalog(tiny_models), EngineLimits(max_batch=8, lean_decode=lean))
+        try:
+
+            async def scenario() -> tuple[list[str], list[str]]:
+                jobs = [("tiny+lora" if i % 2 else "tiny", p) for i, p in enumerate(PROMPTS)]
+                alone = [await generate(engine, m, p, n=40) for m, p in jobs]
+                # Short prompts first, longer ones joining mid-stream: the batch shifts right and grows.
+                first = [asyncio.create_task(generate(engine, m, p, n=40)) for m, p in jobs[:2]]
+                await asyncio.sleep(0.05)
+                later = [asyncio.create_task(generate(engine, m, p, n=40)) for m, p in jobs[2:]]
+                together = [*(await asyncio.gather(*first)), *(await asyncio.gather(*later))]
+                return alone, together
+
+            return asyncio.run(scenario())
+        finally:
+            engine.close()
+
+    clean_alone, _ = alone_then_together()
+    real_empty = BatchKVCache._empty
+
+    def poisoned(self: BatchKVCache, rows: int, columns: int) -> torch.Tensor:
+        return real_empty(self, rows, columns).fill_(float("nan"))
+
+    monkeypatch.setattr(BatchKVCache, "_empty", poisoned)
+    alone, together = alone_then_together()
+    assert alone == clean_alone
+    assert together == clean_alone
