@@ -331,6 +331,8 @@ class StepPlan:
                 raise ValueError(f"rotary factors must be contiguous float32 [{rows}, {s.head_dim}]")
         if starts.dtype != torch.long or not starts.is_contiguous() or starts.numel() != rows:
             raise ValueError("starts must be one int64 column index per row")
+        if int(starts.min()) < 0 or int(starts.max()) > column:
+            raise ValueError(f"each row's first column must be in [0, {column}]")
         with self._lock:  # checked and run under one lock: what was checked is what runs
             if not self.takes(rows, keys, values, column):
                 return None
@@ -340,60 +342,47 @@ class StepPlan:
                 if table is None:
                     return None
                 lora, rank = table
-            return self._run(x, cos, sin, starts, keys, column, lora, adapters, rank)
-
-    def _run(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        starts: torch.Tensor,
-        keys: list[torch.Tensor],
-        column: int,
-        lora: ctypes.Array[_StepLora] | None,
-        adapters: StepAdapters | None,
-        rank: int,
-    ) -> torch.Tensor:
-        rows, s = x.shape[0], self.sizes
-        shape = _StepShape(
-            rows,
-            s.hidden,
-            s.heads,
-            s.kv_heads,
-            s.head_dim,
-            s.intermediate,
-            s.vocab,
-            column,
-            keys[0].stride(0),
-            keys[0].stride(1),
-            s.eps,
-        )
-        work = torch.empty(self._kernels.decode_step_work_floats(ctypes.byref(shape)), dtype=torch.float32)
-        logits = torch.empty(rows, s.vocab, dtype=torch.float32)
-        lm_head = self._lm_head
-        slots = adapters.slots if adapters is not None else None
-        lora_t = torch.empty(rows * max(rank, 1), dtype=torch.float32) if lora is not None else None
-        self._kernels.decode_step(
-            self._table,
-            len(self._layers),
-            self._keys,
-            self._values,
-            self._final_norm.data_ptr(),
-            lm_head.weight.data_ptr(),
-            _address(lm_head.scales),
-            ctypes.byref(shape),
-            x.data_ptr(),
-            cos.data_ptr(),
-            sin.data_ptr(),
-            starts.data_ptr(),
-            work.data_ptr(),
-            logits.data_ptr(),
-            lora,
-            _address(slots),
-            _address(lora_t),
-            torch.get_num_threads(),
-        )
-        return logits
+            shape = _StepShape(
+                rows,
+                s.hidden,
+                s.heads,
+                s.kv_heads,
+                s.head_dim,
+                s.intermediate,
+                s.vocab,
+                column,
+                keys[0].stride(0),
+                keys[0].stride(1),
+                s.eps,
+            )
+            work = torch.empty(
+                self._kernels.decode_step_work_floats(ctypes.byref(shape)), dtype=torch.float32
+            )
+            logits = torch.empty(rows, s.vocab, dtype=torch.float32)
+            lm_head = self._lm_head
+            slots = adapters.slots if adapters is not None else None
+            lora_t = torch.empty(rows * max(rank, 1), dtype=torch.float32) if lora is not None else None
+            self._kernels.decode_step(
+                self._table,
+                len(self._layers),
+                self._keys,
+                self._values,
+                self._final_norm.data_ptr(),
+                lm_head.weight.data_ptr(),
+                _address(lm_head.scales),
+                ctypes.byref(shape),
+                x.data_ptr(),
+                cos.data_ptr(),
+                sin.data_ptr(),
+                starts.data_ptr(),
+                work.data_ptr(),
+                logits.data_ptr(),
+                lora,
+                _address(slots),
+                _address(lora_t),
+                torch.get_num_threads(),
+            )
+            return logits
 
 
 def _address(tensor: torch.Tensor | None) -> int | None:

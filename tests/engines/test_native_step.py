@@ -141,13 +141,18 @@ def test_adapter_rows_get_their_terms_inside_the_compiled_step(
     assert torch.equal(results["compiled"][1], results["base"][1])  # no adapter: nothing added
 
 
-def test_idle_adapter_hooks_keep_the_compiled_step_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+def model_and_base_step() -> tuple[Any, LeanDecoder, torch.Tensor, torch.Tensor]:
+    """A fused model, its lean step, PROMPTS' last tokens and their logits before any hook."""
     model = fused_llama()
     decoder = LeanDecoder.for_model(model)
     assert decoder is not None
     ids = torch.tensor([[p[-1]] for p in PROMPTS])
     with torch.inference_mode():
-        before = lean_step(decoder, filled_cache(model, PROMPTS), ids)
+        return model, decoder, ids, lean_step(decoder, filled_cache(model, PROMPTS), ids)
+
+
+def test_idle_adapter_hooks_keep_the_compiled_step_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _, _, before = model_and_base_step()
     multilora_for(model).add("a", random_adapter(model, 4, 1))  # attached, but no row of this batch uses it
     results = steps_three_ways(model, [0, 0, 0], monkeypatch)
     assert results["runs"] == 2
@@ -158,12 +163,7 @@ def test_idle_adapter_hooks_keep_the_compiled_step_bit_for_bit(monkeypatch: pyte
 def test_a_hook_the_compiled_step_cannot_apply_keeps_the_separate_calls(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    model = fused_llama()
-    decoder = LeanDecoder.for_model(model)
-    assert decoder is not None
-    ids = torch.tensor([[p[-1]] for p in PROMPTS])
-    with torch.inference_mode():
-        before = lean_step(decoder, filled_cache(model, PROMPTS), ids)
+    model, decoder, ids, before = model_and_base_step()
     model.model.layers[1].mlp.up_proj.register_forward_hook(lambda module, inputs, output: output * 2)
     runs = counting_runs(monkeypatch)
     with torch.inference_mode():
@@ -208,18 +208,20 @@ def test_float32_steps_of_more_rows_than_the_compiled_product_takes_use_onednn()
     assert not decoder.plan.takes(DENSE_MAX_ROWS + 1, kv.keys, kv.values, kv.length)
 
 
-def step_operands(decoder: LeanDecoder, kv: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows = len(kv.starts)
-    return torch.zeros(rows, 64), torch.zeros(rows, decoder.head_dim), torch.tensor(kv.starts)
-
-
-def test_a_step_the_compiled_call_cannot_take_runs_nothing_and_writes_nothing() -> None:
+def prepared_step() -> tuple[Any, StepPlan, Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A model, its plan, a cache with a column reserved, and activations, rotary factors and starts."""
     model = fused_llama()
     decoder = LeanDecoder.for_model(model)
     assert decoder is not None and decoder.plan is not None
-    plan, kv = decoder.plan, filled_cache(model, PROMPTS)
+    kv = filled_cache(model, PROMPTS)
     kv.reserve(1)
-    x, factor, starts = step_operands(decoder, kv)
+    rows = len(kv.starts)
+    x, factor = torch.zeros(rows, 64), torch.zeros(rows, decoder.head_dim)
+    return model, decoder.plan, kv, x, factor, torch.tensor(kv.starts)
+
+
+def test_a_step_the_compiled_call_cannot_take_runs_nothing_and_writes_nothing() -> None:
+    model, plan, kv, x, factor, starts = prepared_step()
     before = [key.clone() for key in kv.keys]
     full = kv.keys[0].shape[2]
     assert plan.run(x, factor, factor, starts, kv.keys, kv.values, full, None) is None  # no column left
@@ -238,15 +240,12 @@ def test_a_step_the_compiled_call_cannot_take_runs_nothing_and_writes_nothing() 
 
 
 def test_operands_the_compiled_step_cannot_read_raise_instead_of_reading_past_them() -> None:
-    model = fused_llama()
-    decoder = LeanDecoder.for_model(model)
-    assert decoder is not None and decoder.plan is not None
-    plan, kv = decoder.plan, filled_cache(model, PROMPTS)
-    kv.reserve(1)
-    x, factor, starts = step_operands(decoder, kv)
+    _, plan, kv, x, factor, starts = prepared_step()
     with pytest.raises(ValueError, match="activations"):
         plan.run(x.to(torch.bfloat16), factor, factor, starts, kv.keys, kv.values, kv.length)
     with pytest.raises(ValueError, match="rotary"):
         plan.run(x, factor[:, :8].contiguous(), factor, starts, kv.keys, kv.values, kv.length)
     with pytest.raises(ValueError, match="starts"):
         plan.run(x, factor, factor, starts[:1], kv.keys, kv.values, kv.length)
+    with pytest.raises(ValueError, match="first column"):
+        plan.run(x, factor, factor, starts - 1_000, kv.keys, kv.values, kv.length)
