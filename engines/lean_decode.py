@@ -9,11 +9,13 @@ float32), the projections (q/k/v and gate/up fused into one product each), the r
 every query and key head as one batched product with a per-row rotation matrix, an in-place write of
 the new K/V column into ``BatchKVCache`` and one ``scaled_dot_product_attention`` with grouped KV heads.
 
-In float32 on a CPU where ``engines.native`` could build its kernels, the products (up to 16 rows,
-with the residual add as they store), RMS norms, rotary embedding with the K/V write, attention and
-the SiLU gate are each one call of compiled code instead: on a 2-core CPU every small torch operator
-after a weight-streaming product pays for the caches the product evicted, and torch's products
-stream well below the memory's speed at few rows.
+In float32 on a CPU where ``engines.native`` could build its kernels, the whole step is one call of
+compiled code (``engines.native_step``: products of up to 16 rows, norms, rotary embedding with the K/V
+write, attention, the SiLU gate and unmerged adapter rows' terms), where its weights allow
+(``StepPlan.build``); otherwise each of those is one compiled call from the loop below. On a 2-core
+CPU every small torch operator after a weight-streaming product pays for the caches the product
+evicted, torch's products stream well below the memory's speed at few rows, and the interpreter
+between the calls was a quarter of a small int8 model's step.
 
 It covers the architectures whose decoder layer is exactly that (``ARCHITECTURES``); anything else,
 or any layer that is neither a plain ``nn.Linear`` nor the engine's ``Int8Linear`` (bitsandbytes-

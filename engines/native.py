@@ -13,6 +13,8 @@ Building needs only ``cc`` (``$CC``) with AVX2/FMA/OpenMP: about a second, once 
 processes never load a half-written library). Anything that fails (no compiler, a CPU without AVX2, a
 read-only cache, ``PEFT_GATEWAY_NATIVE_KERNELS=0``) leaves ``NativeKernels.load`` returning ``None``,
 logged once, and torch's kernels serve: the same answers, to bf16 rounding for int8.
+
+The whole-step entry point (``decode_step_f32``) is bound here and driven by ``engines.native_step``.
 """
 
 from __future__ import annotations

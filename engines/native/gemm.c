@@ -1,7 +1,8 @@
 /* The lean decode step's kernels on x86 CPUs with AVX2 and FMA: matrix products with int8 weights (one
  * bf16 scale per output channel) or float32 weights, float32 activations and accumulators, optionally
- * adding the residual as they store; and the float32 step's SiLU gate, RMS norm, rotary embedding with
- * the K/V column write, and attention of one new token per row over the batch cache.
+ * adding the residual as they store; the float32 step's SiLU gate, RMS norm, rotary embedding with
+ * the K/V column write, and attention of one new token per row over the batch cache; unmerged adapters'
+ * low-rank terms; and decode_step_f32, which runs all of them for a whole step in one call.
  *
  * Built at first use by engines/native.py with the machine's C compiler (cc -O3 -mavx2 -mfma -fopenmp),
  * loaded with ctypes; without a compiler the gateway keeps torch's kernels. Why, measured on a 2-core
