@@ -49,6 +49,7 @@ from engines.ray_replica import (
     replica_class,
     routing_key,
 )
+from engines.vocabulary import CountsVocabulary
 from gateway.metrics import GatewayMetrics
 from gateway.ray_loopback import HOOK as LOOPBACK_HOOK
 from gateway.settings import Settings
@@ -149,7 +150,7 @@ class ReplicaHeader:
 
 
 @dataclass
-class RemoteLoaded:
+class RemoteLoaded(CountsVocabulary):
     """The parts of ``LoadedModel`` the routes read, for a model that lives on replicas."""
 
     name: str
