@@ -121,19 +121,24 @@ class _Layer:
     gate_up: _Fused | None = None
 
 
-def _hooks_idle(*layers: Projection) -> bool:
-    """Whether no forward hook would change these layers' outputs in this step.
+def _active_hooks(layer: Projection) -> list[Any]:
+    """The layer's forward hooks that may change its output in this step.
 
-    True with no hooks, or with only unmerged-adapter hooks (``engines.multilora``) that say they are
-    idle for the layer: no adapter row in the batch, or a merged variant's layer sharing the base's
-    hook dict. Then the fused and compiled paths serve, as for a base that never had an adapter.
+    Unmerged-adapter hooks (``engines.multilora``) that say they are idle for the layer are left out:
+    no adapter row in the batch, or a merged variant's layer sharing the base's hook dict.
     """
-    for layer in layers:
-        for hook in layer._forward_hooks.values():
-            idle_for = getattr(hook, "idle_for", None)
-            if idle_for is None or not idle_for(layer):
-                return False
-    return True
+    active = []
+    for hook in layer._forward_hooks.values():
+        idle_for = getattr(hook, "idle_for", None)
+        if idle_for is None or not idle_for(layer):
+            active.append(hook)
+    return active
+
+
+def _hooks_idle(*layers: Projection) -> bool:
+    """Whether no forward hook would change these layers' outputs in this step: then the fused and
+    compiled paths serve, as for a base that never had an adapter."""
+    return not any(_active_hooks(layer) for layer in layers)
 
 
 def _with_hooks(layer: Projection, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -341,7 +346,7 @@ class LeanDecoder:
         self.projections.append(self.lm_head)
         #: The whole float32 step as one compiled call, where the kernels are built and the weights fit.
         self.plan = self._compiled_plan()
-        self._adapter_layers: tuple[tuple[Any, ...], list[tuple[LoraStack | None, ...]]] | None = None
+        self._adapter_layers: tuple[tuple[int, ...], list[tuple[LoraStack | None, ...]]] | None = None
         if self.plan is not None:
             log.info("decode steps of %s run as one compiled call", type(model).__name__)
 
@@ -422,29 +427,25 @@ class LeanDecoder:
         """
         active: list[LoraHook | None] = []
         for layer in self.projections:
-            applied = None
-            for hook in layer._forward_hooks.values():
-                idle_for = getattr(hook, "idle_for", None)
-                if idle_for is not None and idle_for(layer):
-                    continue
-                if not isinstance(hook, LoraHook) or applied is not None:
-                    return False, None
-                applied = hook
-            active.append(applied)
+            applied = _active_hooks(layer)
+            if len(applied) > 1 or (applied and not isinstance(applied[0], LoraHook)):
+                return False, None
+            active.append(applied[0] if applied else None)
         hooks = [hook for hook in active if hook is not None]
         if not hooks:
+            self._adapter_layers = None  # no reference to stacks an adapter's arrival may since have replaced
             return True, None
         owner = hooks[0].owner
         slots = hooks[0].row_slots()
         if active[-1] is not None or slots is None or any(hook.owner is not owner for hook in hooks):
             return False, None
-        key = (id(owner), owner.version, tuple(hook is not None for hook in active))
+        key = (id(owner), owner.version, *(hook is not None for hook in active))
         if self._adapter_layers is None or self._adapter_layers[0] != key:
             stacks = [LoraStack(hook.stack.a, hook.stack.b) if hook else None for hook in active[:-1]]
             width = len(LORA_PROJECTIONS)
             layers = [tuple(stacks[i : i + width]) for i in range(0, len(stacks), width)]
             self._adapter_layers = (key, layers)
-        return True, StepAdapters(slots, self._adapter_layers[1])
+        return True, StepAdapters(slots, self._adapter_layers[1], key)
 
     def forward(
         self,

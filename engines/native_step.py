@@ -91,11 +91,14 @@ class StepAdapters:
     """A step's unmerged adapter rows: each row's slot (0: none) and each layer's stacks by projection.
 
     ``layers[i][j]`` is the stack of layer ``i``'s ``LORA_PROJECTIONS[j]``, ``None`` where no adapter
-    targets it.
+    targets it. ``key`` names these stacks: the same key must mean the same stacks, unmoved (the
+    decoder uses its registry's identity and version), so the plan checks them and builds its address
+    table once per key and keeps no reference to them.
     """
 
     slots: torch.Tensor
     layers: list[tuple[LoraStack | None, ...]]
+    key: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -172,9 +175,12 @@ class StepPlan:
         self._cache_key: tuple[int, ...] = ()
         self._keys: ctypes.Array[ctypes.c_void_p] | None = None
         self._values: ctypes.Array[ctypes.c_void_p] | None = None
-        self._lora_key: tuple[int, ...] = ()
+        # The adapter table, the key of the stacks it was built from, the slots of its smallest
+        # stack and its largest rank.
+        self._lora_key: tuple[int, ...] | None = None
         self._lora: ctypes.Array[_StepLora] | None = None
-        self._lora_slots = 0  # slots in the smallest stack of the table
+        self._lora_slots = 0
+        self._lora_rank = 0
         # One step at a time: the cached address tables must not change under a running call.
         self._lock = threading.Lock()
         s = sizes
@@ -244,8 +250,8 @@ class StepPlan:
     def _adapter_table(self, rows: int, adapters: StepAdapters) -> tuple[ctypes.Array[_StepLora], int] | None:
         """The adapters' addresses for the C call and the largest rank; ``None`` where any is unfit.
 
-        The stacks are checked and the table built only when one moved (the key is their addresses
-        and ranks); the row slots every step, so that no slot indexes past a stack.
+        The stacks are checked and the table built once per ``adapters.key``; the row slots every
+        step, so that no slot indexes past a stack.
         """
         slots = adapters.slots
         if (
@@ -258,31 +264,29 @@ class StepPlan:
             or int(slots.min()) < 0
         ):
             return None
-        stacks = [stack for layer in adapters.layers for stack in layer]
-        key = tuple(
-            value
-            for stack in stacks
-            for value in ((stack.a.data_ptr(), stack.b.data_ptr(), stack.a.shape[1]) if stack else (0, 0, 0))
-        )
-        if key != self._lora_key or self._lora is None:
+        if adapters.key != self._lora_key or self._lora is None:
+            stacks = [stack for layer in adapters.layers for stack in layer]
             shapes = self._lora_shapes * len(adapters.layers)
             if any(
                 stack is not None and not stack.fits(*shape)
                 for stack, shape in zip(stacks, shapes, strict=True)
             ):
                 return None
-            pairs = [_LoraPair(*key[i : i + 3]) for i in range(0, len(key), 3)]
+            pairs = [
+                _LoraPair(stack.a.data_ptr(), stack.b.data_ptr(), stack.a.shape[1]) if stack else _LoraPair()
+                for stack in stacks
+            ]
             width = len(LORA_PROJECTIONS)
             self._lora = (_StepLora * len(adapters.layers))(
                 *(_StepLora(*pairs[i : i + width]) for i in range(0, len(pairs), width))
             )
-            self._lora_key, self._lora_slots = (
-                key,
-                min((stack.a.shape[0] for stack in stacks if stack is not None), default=0),
-            )
+            present = [stack for stack in stacks if stack is not None]
+            self._lora_key = adapters.key
+            self._lora_slots = min((stack.a.shape[0] for stack in present), default=0)
+            self._lora_rank = max((stack.a.shape[1] for stack in present), default=0)
         if int(slots.max()) >= self._lora_slots:
             return None
-        return self._lora, max(key[2::3], default=0)
+        return self._lora, self._lora_rank
 
     def _cache_arrays(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> bool:
         """Each layer's K/V addresses for the C call, checked once per set of cache buffers."""

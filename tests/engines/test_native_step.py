@@ -231,7 +231,9 @@ def test_a_step_the_compiled_call_cannot_take_runs_nothing_and_writes_nothing() 
     registry = multilora_for(model)
     slot = registry.add("a", random_adapter(model, 2, 1))
     stack = registry._stacks["model.layers.0.mlp.down_proj"]
-    beyond = StepAdapters(torch.tensor([0, slot + 1, 0]), [(None,) * 6 + (LoraStack(stack.a, stack.b),)] * 2)
+    beyond = StepAdapters(
+        torch.tensor([0, slot + 1, 0]), [(None,) * 6 + (LoraStack(stack.a, stack.b),)] * 2, (0,)
+    )
     assert plan.run(x, factor, factor, starts, kv.keys, kv.values, kv.length, beyond) is None
     # Bit for bit, unwritten cells included (compared as integers: an uninitialised NaN equals itself).
     assert all(
@@ -249,3 +251,26 @@ def test_operands_the_compiled_step_cannot_read_raise_instead_of_reading_past_th
         plan.run(x, factor, factor, starts[:1], kv.keys, kv.values, kv.length)
     with pytest.raises(ValueError, match="first column"):
         plan.run(x, factor, factor, starts - 1_000, kv.keys, kv.values, kv.length)
+
+
+def test_an_adapter_added_between_steps_moves_the_stacks_and_the_step_follows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Adding an adapter reallocates the stacks: the next step must read the new ones, and the old
+    ones must not stay alive (uncounted memory) behind the decoder's or the plan's caches."""
+    import weakref
+
+    model, decoder, ids, _ = model_and_base_step()
+    registry = multilora_for(model)
+    first = registry.add("a", random_adapter(model, 2, 1))
+    with torch.inference_mode():
+        registry.set_rows([first, 0, first])
+        lean_step(decoder, filled_cache(model, PROMPTS), ids)
+        registry.set_rows([0, 0, 0])
+        lean_step(decoder, filled_cache(model, PROMPTS), ids)  # a step with no adapter row
+    old_stack = weakref.ref(registry._stacks["model.layers.0.mlp.down_proj"].a)
+    second = registry.add("b", random_adapter(model, 4, 2))  # a higher rank: every stack reallocated
+    assert old_stack() is None
+    results = steps_three_ways(model, [second, first, 0], monkeypatch)
+    assert results["runs"] == 2
+    torch.testing.assert_close(results["compiled"], results["separate"], atol=1e-5, rtol=0)
