@@ -419,6 +419,7 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "FakeHub/1.0"
+        _recorded = True  # until ``_handle`` starts a request (``send_error`` on a malformed line)
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet
             pass
@@ -446,6 +447,8 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
                     repo_id, revision, filename = resolved
             self._status = 0
             self._fault_name: str | None = None
+            self._recorded = False
+            self._request = (method, kind, repo_id, revision, filename)
             try:
                 fault = server._take_fault(repo_id, kind, method, filename)
                 if fault is not None:
@@ -462,19 +465,33 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True
             finally:
-                server._record(
-                    RecordedRequest(
-                        method=method,
-                        path=self.path,
-                        kind=kind,
-                        repo_id=repo_id,
-                        revision=revision,
-                        filename=filename,
-                        headers=dict(self.headers.items()),
-                        status=self._status,
-                        fault=self._fault_name,
-                    )
+                self._record_once()
+
+        def send_response(self, code: int, message: str | None = None) -> None:
+            # Recorded before the status line leaves, so a client that has its answer always finds
+            # its request in ``server.requests`` (recording after the body raced the client's check).
+            self._status = code
+            self._record_once()
+            super().send_response(code, message)
+
+        def _record_once(self) -> None:
+            if self._recorded:
+                return
+            self._recorded = True
+            method, kind, repo_id, revision, filename = self._request
+            server._record(
+                RecordedRequest(
+                    method=method,
+                    path=self.path,
+                    kind=kind,
+                    repo_id=repo_id,
+                    revision=revision,
+                    filename=filename,
+                    headers=dict(self.headers.items()),
+                    status=self._status,
+                    fault=self._fault_name,
                 )
+            )
 
         def _serve(
             self,
@@ -534,7 +551,6 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
                 keep = fault.keep_bytes if fault.keep_bytes is not None else len(data) // 2
                 data = data[:keep]
             headers["Content-Length"] = str(len(data))
-            self._status = status
             self.send_response(status)
             for name, value in headers.items():
                 self.send_header(name, value)
@@ -582,7 +598,6 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
             self, status: int, payload: Any, method: str, headers: Mapping[str, str] | None = None
         ) -> None:
             body = json.dumps(payload).encode()
-            self._status = status
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
