@@ -115,9 +115,19 @@ def plan_base_load(spec: BaseSpec, room: int | None) -> BasePlan:
 
 
 def _plan_int8_load(spec: BaseSpec, folder: Path, facts: CheckpointFacts) -> BasePlan:
-    """int8 weights; the dtype chosen here is the activations' and the KV cache's (and norms')."""
+    """int8 weights; the dtype chosen here is the activations' and the KV cache's (and norms').
+
+    ``auto`` takes float32 wherever the compiled kernels load, native bf16 or not: the bytes a step
+    reads are the int8 weights either way, and only float32 activations reach the compiled int8
+    product and whole decode step (1.3-2.8x torch's bf16 int8 kernel per product, and a step without
+    the interpreter between layers); the price is a float32 KV cache, which the budget counts.
+    """
+    from engines.native import NativeKernels
+
     if spec.dtype != "auto":
         name, why = spec.dtype, "configured"
+    elif NativeKernels.load() is not None:
+        name, why = "float32", "the compiled int8 kernels take float32 activations"
     elif auto_dtype_name(spec.device) == "bfloat16":
         name, why = "bfloat16", "this CPU has native bf16"
     else:

@@ -14,10 +14,12 @@ from typing import Any
 import pytest
 import torch
 
+import engines.devices
 from engines.catalog import BaseSpec
 from engines.int8 import Int8Embedding, Int8Linear, int8_matmul, quantize_rows_into
 from engines.lean_decode import LeanDecoder
 from engines.loader import LoadedModel, load_base, plan_base_load, tensor_bytes
+from engines.native import NativeKernels
 from engines.tiny import TinyShape, save_tiny_adapter, save_tiny_base
 from tests.conftest import TinyModels
 
@@ -91,6 +93,22 @@ def test_int8_base_holds_int8_weights_with_fused_groups(tiny_models: TinyModels)
     assert plan.resident_bytes == pytest.approx(tensor_bytes(model), rel=0.02)
     full = plan_base_load(BaseSpec(name="tiny", source=str(tiny_models.base), dtype="float32"), None)
     assert plan.resident_bytes < full.resident_bytes * 0.4
+
+
+def test_int8_auto_takes_float32_activations_where_the_compiled_kernels_load(
+    tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Even on a CPU with native bf16: only float32 activations reach the compiled int8 step.
+    monkeypatch.setattr(engines.devices, "cpu_has_native_bf16", lambda: True)
+    spec = BaseSpec(name="tiny", source=str(tiny_models.base), quantization="int8")
+    monkeypatch.setattr(NativeKernels, "load", staticmethod(lambda: object()))
+    compiled = plan_base_load(spec, None)
+    assert compiled.dtype == "float32" and "compiled" in compiled.dtype_reason
+    monkeypatch.setattr(NativeKernels, "load", staticmethod(lambda: None))
+    torch_kernel = plan_base_load(spec, None)
+    assert torch_kernel.dtype == "bfloat16" and "native bf16" in torch_kernel.dtype_reason
+    # The budget counts the activations' dtype: float32 norms and biases cost more than bf16 ones.
+    assert compiled.resident_bytes > torch_kernel.resident_bytes
 
 
 def test_int8_logits_match_the_dequantized_float_model(tiny_models: TinyModels) -> None:
