@@ -202,7 +202,7 @@ class MultiLora:
             if stack is None:
                 stack = self._stacks[module] = _Stack(self._modules[module])
                 layer = self._modules[module]
-                self._hooks[module] = layer.register_forward_hook(self._hook_for(stack, layer))
+                self._hooks[module] = layer.register_forward_hook(LoraHook(self, stack, layer))
             stack.ensure(self._next, pair[0].shape[0])
             stack.put(slot, pair)
         for module, stack in self._stacks.items():
@@ -232,9 +232,6 @@ class MultiLora:
         # One adapter for every row (the usual case): its matrices are used as views, two products
         # and an add per layer instead of two gathers and two batched products.
         self._uniform = slots[0] if all(slot == slots[0] for slot in slots) else None
-
-    def _hook_for(self, stack: _Stack, layer: torch.nn.Module) -> LoraHook:
-        return LoraHook(self, stack, layer)
 
 
 class LoraHook:

@@ -47,6 +47,28 @@ SWITCH = "PEFT_GATEWAY_NATIVE_KERNELS"
 DENSE_MAX_ROWS = 16
 
 
+def is_float32_on_cpu(tensor: torch.Tensor, shape: tuple[int, ...] | None = None) -> bool:
+    """A contiguous float32 CPU tensor (of exactly ``shape`` where given): what a kernel may read
+    through its bare address."""
+    return (
+        tensor.dtype == torch.float32
+        and tensor.is_cpu
+        and tensor.is_contiguous()
+        and (shape is None or tuple(tensor.shape) == shape)
+    )
+
+
+def check_starts(starts: torch.Tensor, rows: int) -> None:
+    """Raise unless ``starts`` is one int64 first-column index per row, as the attention kernel reads it."""
+    if (
+        starts.dtype != torch.long
+        or not starts.is_cpu
+        or not starts.is_contiguous()
+        or starts.numel() != rows
+    ):
+        raise ValueError("starts must be one int64 column index per row, on the CPU")
+
+
 def _plain(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Operands the kernels take: 2-D, contiguous, on the CPU, float32 activations, 8 | columns."""
     return (
@@ -122,14 +144,9 @@ class NativeKernels:
         """Whether ``rms_norm`` computes this norm: float32 rows and weight, 8 | width."""
         return (
             x.dim() == 2
-            and x.dtype == torch.float32
-            and x.is_cpu
-            and x.is_contiguous()
             and x.shape[1] % 8 == 0
-            and weight.dtype == torch.float32
-            and weight.is_cpu
-            and weight.is_contiguous()
-            and tuple(weight.shape) == (x.shape[1],)
+            and is_float32_on_cpu(x)
+            and is_float32_on_cpu(weight, (x.shape[1],))
         )
 
     @staticmethod
@@ -200,12 +217,7 @@ class NativeKernels:
 
     @staticmethod
     def _output(rows: int, channels: int, add: torch.Tensor | None) -> tuple[torch.Tensor, int | None]:
-        if add is not None and (
-            add.shape != (rows, channels)
-            or add.dtype != torch.float32
-            or not add.is_contiguous()
-            or not add.is_cpu
-        ):
+        if add is not None and not is_float32_on_cpu(add, (rows, channels)):
             raise ValueError(f"the residual must be a contiguous float32 [{rows}, {channels}] CPU tensor")
         return torch.empty(rows, channels, dtype=torch.float32), add.data_ptr() if add is not None else None
 
@@ -287,8 +299,7 @@ class NativeKernels:
         ``scaled_dot_product_attention`` does by default.
         """
         rows, heads, head_dim = q.shape
-        if starts.dtype != torch.long or not starts.is_contiguous() or starts.numel() != rows:
-            raise ValueError("starts must be one int64 column index per row")
+        check_starts(starts, rows)
         if not 0 < length <= keys.shape[2] or rows > keys.shape[0]:
             raise ValueError(f"{rows} rows x {length} columns exceed the cache's {tuple(keys.shape[:3])}")
         kv_heads = keys.shape[1]

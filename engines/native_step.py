@@ -7,9 +7,11 @@ the kernels were 18.2; the rest was Python, argument conversion and a thread-poo
 the logits are the ones the separate calls give, bit for bit.
 
 ``StepPlan`` is built once per model (every weight's address, checked once: dtypes, shapes, contiguity)
-and holds references to the tensors, so the addresses stay valid for as long as the plan lives. The
-lean step keeps using the separate calls where the plan does not apply: unmerged adapter rows, biases,
-bf16 activations, float32 products of more rows than the compiled kernel takes, a GPU.
+and holds references to the tensors, so the addresses stay valid for as long as the plan lives.
+Unmerged adapter rows run inside the call (``StepAdapters``). The lean step keeps using the separate
+calls where the plan does not apply: biases, unfused q/k/v or gate/up, bf16 activations, float32
+products of more rows than the compiled kernel takes, a forward hook other than an adapter's (or any
+on the LM head), a GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engines.native import DENSE_MAX_ROWS, NativeKernels
+from engines.native import DENSE_MAX_ROWS, NativeKernels, check_starts, is_float32_on_cpu
 
 _LAYER_FIELDS = (
     "input_norm",
@@ -80,7 +82,8 @@ class LoraStack:
         return (
             a.dim() == 3
             and b.dim() == 3
-            and all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in (a, b))
+            and is_float32_on_cpu(a)
+            and is_float32_on_cpu(b)
             and a.shape[2] == in_features
             and tuple(b.shape) == (a.shape[0], out_features, a.shape[1])
         )
@@ -211,15 +214,15 @@ class StepPlan:
             not layers
             or s.heads % s.kv_heads != 0
             or any(width % 8 for width in (s.hidden, s.head_dim, s.intermediate))
-            or not _is_norm(final_norm, s.hidden)
+            or not is_float32_on_cpu(final_norm, (s.hidden,))
             or not lm_head.fits(s.vocab, s.hidden)
         ):
             return None
         qkv_width = (s.heads + 2 * s.kv_heads) * s.head_dim
         for layer in layers:
             if not (
-                _is_norm(layer.input_norm, s.hidden)
-                and _is_norm(layer.post_norm, s.hidden)
+                is_float32_on_cpu(layer.input_norm, (s.hidden,))
+                and is_float32_on_cpu(layer.post_norm, (s.hidden,))
                 and layer.qkv.fits(qkv_width, s.hidden)
                 and layer.o.fits(s.hidden, s.heads * s.head_dim)
                 and layer.gate_up.fits(2 * s.intermediate, s.hidden)
@@ -295,10 +298,7 @@ class StepPlan:
         key = (*shape, *addresses)  # a new buffer set can reuse freed addresses with another shape
         if key == self._cache_key:
             return True
-        if not all(
-            t.shape == shape and t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
-            for t in (*keys, *values)
-        ):
+        if not all(is_float32_on_cpu(t, tuple(shape)) for t in (*keys, *values)):
             return False
         pointers = ctypes.c_void_p * len(keys)
         self._keys, self._values = pointers(*addresses[: len(keys)]), pointers(*addresses[len(keys) :])
@@ -324,17 +324,11 @@ class StepPlan:
         step takes: the caller runs the separate calls.
         """
         rows, s = x.shape[0], self.sizes
-        if x.shape != (rows, s.hidden) or x.dtype != torch.float32 or not x.is_contiguous() or not x.is_cpu:
+        if not is_float32_on_cpu(x, (rows, s.hidden)):
             raise ValueError(f"activations must be contiguous float32 [{rows}, {s.hidden}] on the CPU")
-        for factor in (cos, sin):
-            if (
-                factor.shape != (rows, s.head_dim)
-                or factor.dtype != torch.float32
-                or not factor.is_contiguous()
-            ):
-                raise ValueError(f"rotary factors must be contiguous float32 [{rows}, {s.head_dim}]")
-        if starts.dtype != torch.long or not starts.is_contiguous() or starts.numel() != rows:
-            raise ValueError("starts must be one int64 column index per row")
+        if not all(is_float32_on_cpu(factor, (rows, s.head_dim)) for factor in (cos, sin)):
+            raise ValueError(f"rotary factors must be contiguous float32 [{rows}, {s.head_dim}] on the CPU")
+        check_starts(starts, rows)
         if int(starts.min()) < 0 or int(starts.max()) > column:
             raise ValueError(f"each row's first column must be in [0, {column}]")
         with self._lock:  # checked and run under one lock: what was checked is what runs
@@ -400,13 +394,4 @@ def _layer_struct(layer: LayerWeights) -> _StepLayer:
         layer.post_norm.data_ptr(),
         *(p.weight.data_ptr() for p in products),
         *(_address(p.scales) for p in products),
-    )
-
-
-def _is_norm(weight: torch.Tensor, hidden: int) -> bool:
-    return (
-        weight.dtype == torch.float32
-        and weight.is_cpu
-        and weight.is_contiguous()
-        and tuple(weight.shape) == (hidden,)
     )

@@ -109,12 +109,16 @@ void f32_gemm(const float *x, const float *w, const float *add, float *out, long
     f32_kernel(x, w, 0, add, out, M, N, K);
 }
 
+/* silu(gate) * up, as transformers computes silu(x) = x / (1 + e^-x); one definition for the separate
+ * call and decode_step, so both give the same bits. */
+static inline float silu_gate(float gate, float up) { return gate / (1.0f + expf(-gate)) * up; }
+
 /* out[r, i] = silu(gate_up[r, i]) * gate_up[r, I + i]: the SiLU-gated MLP's activation from the fused
- * gate/up product [rows, 2 * I] (row stride given), as transformers computes silu(x) = x / (1 + e^-x). */
+ * gate/up product [rows, 2 * I] (row stride given). */
 void silu_mul_f32(const float *gate_up, long row_stride, float *out, long rows, long I) {
     for (long r = 0; r < rows; r++) {
         const float *gate = gate_up + r * row_stride, *up = gate + I;
-        for (long i = 0; i < I; i++) out[r * I + i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+        for (long i = 0; i < I; i++) out[r * I + i] = silu_gate(gate[i], up[i]);
     }
 }
 
@@ -342,7 +346,7 @@ void decode_step_f32(const step_layer *layers, long n_layers, float *const *keys
 #pragma omp for schedule(static)
             for (long e = 0; e < rows * I; e++) {
                 const float *gate = gate_up + (e / I) * 2 * I + e % I;
-                act[e] = gate[0] / (1.0f + expf(-gate[0])) * gate[I];
+                act[e] = silu_gate(gate[0], gate[I]);
             }
             product(act, L->down, L->down_scales, x, x, rows, hidden, I);
             if (lora) lora_add(&lora[l].down, slots, act, I, I, x, hidden, hidden, rows, lora_t);
