@@ -10,7 +10,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HF_HOME=/data/hf
 
-# A C compiler for the gateway's CPU kernels (engines/native/gemm.c, built at first use; without one
+# A C compiler for the gateway's CPU kernels (engines/forward/gemm.c, built at first use; without one
 # torch's slower kernels serve).
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
@@ -33,7 +33,7 @@ RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin gateway \
 USER gateway
 WORKDIR /home/gateway
 # Build the CPU kernels now, not on the first request (a CPU without AVX2 keeps torch's kernels).
-RUN python -c "from engines.native import NativeKernels; NativeKernels.load()"
+RUN python -c "from engines.forward.kernels import NativeKernels; NativeKernels.load()"
 VOLUME ["/data/hf"]
 
 EXPOSE 8000

@@ -60,7 +60,7 @@ async def run_bursts(
 def main() -> None:
     from engines.catalog import AdapterPolicy, BaseSpec, Catalog
     from engines.engine import Engine, EngineLimits
-    from engines.tiny import save_tiny_adapter, save_tiny_base
+    from engines.testing.tiny import save_tiny_adapter, save_tiny_base
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--adapters", type=int, default=7)

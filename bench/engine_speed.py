@@ -99,9 +99,9 @@ def compiled_rows(base: Path, dtype: str, steps: int = 40) -> list[Row]:
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    from engines.devices import decode_kernels
-    from engines.kvcache import BatchKVCache
-    from engines.lean_decode import LeanDecoder
+    from engines.forward.kvcache import BatchKVCache
+    from engines.forward.lean import LeanDecoder
+    from engines.forward.run import decode_kernels
 
     model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype)).eval()
     decoder = LeanDecoder.for_model(model)

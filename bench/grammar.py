@@ -75,7 +75,7 @@ def bench_tokenizer(root: Path = BENCH_DIR) -> Any:
     if not (folder / "tokenizer.json").is_file():
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-        from engines.tiny import SPECIAL_TOKENS
+        from engines.testing.tiny import SPECIAL_TOKENS
 
         files = sorted(glob.glob(str(Path(sysconfig.get_paths()["stdlib"]) / "**" / "*.py"), recursive=True))
         tok = Tokenizer(models.BPE())

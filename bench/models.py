@@ -17,7 +17,7 @@ VOCAB = 49152
 
 def ensure_smollm2_shaped(root: Path = BENCH_DIR, adapters: int = 32) -> tuple[Path, Path]:
     """Build (once) the base model and ``adapters`` q/v LoRA adapters; returns (base, adapter_root)."""
-    from engines.tiny import SMOLLM2_135M_SHAPE, build_byte_tokenizer, build_llama, save_tiny_adapter
+    from engines.testing.tiny import SMOLLM2_135M_SHAPE, build_byte_tokenizer, build_llama, save_tiny_adapter
 
     base = root / "smollm2-135m-shaped"
     adapter_root = root / "adapters"

@@ -37,7 +37,7 @@ PROMPT = "[INST] 用中文回答：世界上最大的动物是什么？ [/INST]"
 
 
 def shape_for(name: str) -> Any:
-    from engines.shaped import LLAMA2_7B, LlamaShape
+    from engines.testing.shaped import LLAMA2_7B, LlamaShape
 
     if name == "7b":
         return LLAMA2_7B
@@ -53,7 +53,7 @@ def shape_for(name: str) -> Any:
 
 def ensure_checkpoints(root: Path, shape_name: str) -> Path:
     """Write the base and the adapter into ``root/<shape>/hub`` unless they are there already."""
-    from engines.shaped import install_in_hub_cache, write_llama_checkpoint, write_pickle_lora
+    from engines.testing.shaped import install_in_hub_cache, write_llama_checkpoint, write_pickle_lora
 
     hub = root / shape_name / "hub"
     shape = shape_for(shape_name)

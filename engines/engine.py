@@ -13,9 +13,9 @@ import dataclasses
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from engines.adapters import same_model
+from engines.adapters.files import same_model
 from engines.catalog import Catalog
 from engines.errors import ContextLengthExceeded, EngineError, InvalidGenerationRequest
 from engines.generation import ChatMessage, GenerationEvent, GenerationRequest
@@ -32,6 +32,106 @@ from engines.sequence import Sequence
 from engines.template_sandbox import DEFAULT_RENDER_LIMITS, RenderLimits
 
 CACHE_SCAN_SECONDS = 10.0
+
+
+class ServedModel(Protocol):
+    """What the routes read of a lease's model: ``LoadedModel``, or its stand-in on a cluster."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def tokenizer(self) -> Any: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def context_length(self) -> int: ...
+    @property
+    def sampling_defaults(self) -> dict[str, float]: ...
+    @property
+    def parent(self) -> str | None: ...
+    @property
+    def root(self) -> str | None: ...
+    @property
+    def load_seconds(self) -> float: ...
+    @property
+    def vocab_size(self) -> int: ...
+
+
+class EngineLease(Protocol):
+    """A held model: what a route reads while it serves a request, and gives back when done."""
+
+    @property
+    def model_id(self) -> str: ...
+    @property
+    def loaded(self) -> ServedModel: ...
+    def release(self) -> None: ...
+
+
+class SchedulerState(Protocol):
+    """``/ready`` asks whether the engine's worker is running."""
+
+    @property
+    def alive(self) -> bool: ...
+
+
+LeaseT = TypeVar("LeaseT", bound=EngineLease)
+
+
+@runtime_checkable
+class EngineApi(Protocol[LeaseT]):
+    """Everything the routes use of ``app.state.engine``.
+
+    Satisfied by the in-process ``Engine`` and by the Ray ingress's ``ClusterEngine``
+    (``gateway.cluster.engine``), so the routes, their validation and their framing are one code for
+    both. Generic in the engine's own lease type: each engine takes back only the leases it gave out.
+    The admin routes' ``pool`` is the local pool; a cluster answers its uses with a typed refusal.
+    """
+
+    catalog: Catalog
+    reporters: list[Callable[[GenerationReport], None]]
+
+    @property
+    def scheduler(self) -> SchedulerState: ...
+    @property
+    def pool(self) -> ModelPool: ...
+    def loaded_model_names(self) -> list[tuple[str, str]]: ...
+    def models(self) -> list[ModelInfo]: ...
+    def cancel_fetches(self) -> None: ...
+    def close(self) -> None: ...
+    async def acquire(self, model: str) -> LeaseT: ...
+    def chat_request(
+        self,
+        lease: LeaseT,
+        messages: list[ChatMessage],
+        *,
+        max_tokens: int | None,
+        sampling: SamplingParams,
+        stop: tuple[str, ...] = (),
+        request_id: str = "",
+        ignore_eos: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        limits: RenderLimits = DEFAULT_RENDER_LIMITS,
+    ) -> GenerationRequest: ...
+    def text_request(
+        self,
+        lease: LeaseT,
+        prompt: str | list[int],
+        *,
+        max_tokens: int | None,
+        sampling: SamplingParams,
+        stop: tuple[str, ...] = (),
+        request_id: str = "",
+        ignore_eos: bool = False,
+        prompt_logprobs: int | None = None,
+    ) -> GenerationRequest: ...
+    async def compile_grammar(self, lease: LeaseT, constraint: Constraint) -> CompiledGrammar: ...
+    def admit(self, lease: LeaseT, request: GenerationRequest) -> Admitted: ...
+
+
+#: What a route holds: some engine, whatever its lease type.
+AnyEngine = EngineApi[Any]
 
 
 @dataclass(frozen=True)

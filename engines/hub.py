@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from engines.adapter_config import load_adapter_config
+from engines.adapters.config import load_adapter_config
 from engines.errors import (
     AdapterAccessDenied,
     AdapterRejected,

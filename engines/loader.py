@@ -1,33 +1,30 @@
-"""Loading base models and building merged base+adapter variants that share the base's tensors.
+"""Loading base models: the load planned from the checkpoint's headers, then read in the chosen dtype.
 
-A merged variant is a *shallow clone* of the base's module tree: every module object is new, but every
-parameter it does not target is the base's own tensor. Only the modules the adapter targets get new
-weights (W' = W + scale * B @ A, computed by peft's own merge in fp32 and cast once), so a q/v adapter
-costs a fraction of the base instead of a full copy, and the base stays unmerged and usable.
+Adapter variants of a loaded base (merged or unmerged) are built in ``engines.adapters.variants``.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
-import re
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 from engines import hub
-from engines.adapters import AdapterFiles
 from engines.catalog import BaseSpec
+from engines.checkpoint import DTYPE_BYTES, CheckpointFacts, checkpoint_facts
 from engines.devices import auto_dtype_name
-from engines.errors import AdapterRejected, ModelLoadFailed, public_text
+from engines.errors import ModelLoadFailed, public_text
+from engines.forward.int8 import quantize_loaded
+from engines.forward.kernels import NativeKernels
+from engines.forward.layout import fuse_projections, projection_groups
 from engines.vocabulary import CountsVocabulary
+from engines.weights import load_streaming
 
 log = logging.getLogger("peft_gateway.loader")
 
-#: Quantizations done by bitsandbytes (CUDA); "int8" is the engine's own CPU format (``engines.int8``).
+#: Quantizations done by bitsandbytes (CUDA); "int8" is the engine's own CPU format (``engines.forward.int8``).
 BITSANDBYTES = frozenset({"8bit", "4bit"})
 
 
@@ -108,9 +105,9 @@ def plan_base_load(spec: BaseSpec, room: int | None) -> BasePlan:
                 f"float32 would need {fp32_bytes / 2**30:.1f} GiB plus {serving / 2**30:.1f} GiB to serve, "
                 f"more than the {room / 2**30:.1f} GiB budget free: using the checkpoint's {half}"
             )
-    element = _DTYPE_BYTES[name]
+    element = DTYPE_BYTES[name]
     resident = facts.parameters * element
-    transient = facts.largest_tensor * max(element, _DTYPE_BYTES.get(facts.stored_dtype, 4))
+    transient = facts.largest_tensor * max(element, DTYPE_BYTES.get(facts.stored_dtype, 4))
     return BasePlan(folder, name, reason, resident, resident + transient)
 
 
@@ -119,11 +116,10 @@ def _plan_int8_load(spec: BaseSpec, folder: Path, facts: CheckpointFacts) -> Bas
 
     ``auto`` takes float32 wherever the compiled kernels load, native bf16 or not: the bytes a step
     reads are the int8 weights either way, and only float32 activations reach the compiled int8
-    product and whole decode step (1.3-2.8x torch's bf16 int8 kernel per product, and a step without
-    the interpreter between layers); the price is a float32 KV cache, which the budget counts.
+    product and whole decode step (faster than torch's bf16 int8 kernel per product, and a step without
+    the interpreter between layers; figures in bench/README.md); the price is a float32 KV cache, which
+    the budget counts.
     """
-    from engines.native import NativeKernels
-
     if spec.dtype != "auto":
         name, why = spec.dtype, "configured"
     elif NativeKernels.load() is not None:
@@ -133,9 +129,9 @@ def _plan_int8_load(spec: BaseSpec, folder: Path, facts: CheckpointFacts) -> Bas
     else:
         name, why = "float32", "no native bf16 on this CPU"
     reason = f"int8 weights (per-channel scales); activations and KV cache in {name}: {why}"
-    resident = facts.int8_bytes(_DTYPE_BYTES[name])
+    resident = facts.int8_bytes(DTYPE_BYTES[name])
     # One matrix read in its stored dtype, plus a block of rows quantized in float32.
-    transient = facts.largest_tensor * _DTYPE_BYTES.get(facts.stored_dtype, 4) + 64 * 2**20
+    transient = facts.largest_tensor * DTYPE_BYTES.get(facts.stored_dtype, 4) + 64 * 2**20
     return BasePlan(folder, name, reason, resident, resident + transient)
 
 
@@ -169,10 +165,6 @@ def load_base(spec: BaseSpec, plan: BasePlan | None = None) -> LoadedModel:
     """
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from engines.int8 import quantize_loaded
-    from engines.lean_decode import fuse_projections, projection_groups
-    from engines.weights import load_streaming
 
     started = time.perf_counter()
     plan = plan or plan_base_load(spec, None)
@@ -303,341 +295,3 @@ def tensor_bytes(model: Any, exclude: set[int] | None = None) -> int:
 
 def storage_pointers(model: Any) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-
-
-def shallow_clone(module: Any) -> Any:
-    """A new module tree whose parameters and buffers are the original's tensors (no copy)."""
-    clone = copy.copy(module)
-    clone._parameters = dict(module._parameters)
-    clone._buffers = dict(module._buffers)
-    clone._modules = {name: shallow_clone(child) for name, child in module._modules.items()}
-    return clone
-
-
-def check_adapter_fits(files: AdapterFiles, base: LoadedModel) -> None:
-    """Refuse an adapter whose target modules or weight shapes do not exist in the base."""
-    modules = dict(base.model.named_modules())
-    targets = files.target_modules
-    leaf_names = {name.rsplit(".", 1)[-1] for name in modules}
-    if isinstance(targets, str):
-        if not any(re.fullmatch(targets, name) for name in modules):
-            raise AdapterRejected(
-                f"Adapter '{files.ref.label}' targets modules matching '{targets}', but base "
-                f"'{base.name}' has none."
-            )
-    else:
-        missing = sorted(t for t in targets if t not in leaf_names and t not in modules)
-        if missing and missing != ["all-linear"]:
-            raise AdapterRejected(
-                f"Adapter '{files.ref.label}' targets modules {missing} that base '{base.name}' does not "
-                f"have (it has e.g. {sorted(leaf_names)[:12]})."
-            )
-    _check_shapes(files, base, modules)
-
-
-def _check_shapes(files: AdapterFiles, base: LoadedModel, modules: dict[str, Any]) -> None:
-    from engines.weights import CheckpointError, read_header
-
-    try:
-        shapes = {key: stored.shape for key, stored in read_header(files.weights_file).items()}
-    except (OSError, CheckpointError) as exc:
-        raise AdapterRejected(
-            f"Adapter '{files.ref.label}' has a corrupt weights file: {public_text(exc)}"
-        ) from exc
-    for key, shape in shapes.items():
-        match = re.match(r"^(?:base_model\.model\.)?(.*)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight$", key)
-        if not match or len(shape) != 2:
-            continue
-        module_path, which = match.group(1), match.group(2)
-        module = modules.get(module_path)
-        if module is None:
-            raise AdapterRejected(
-                f"Adapter '{files.ref.label}' has weights for '{module_path}', which base '{base.name}' "
-                "does not have: it was made for a different architecture."
-            )
-        in_features = getattr(module, "in_features", None) or getattr(module, "num_embeddings", None)
-        out_features = getattr(module, "out_features", None) or getattr(module, "embedding_dim", None)
-        got, want = (shape[1], in_features) if which == "lora_A" else (shape[0], out_features)
-        if which == "lora_A" and hasattr(module, "num_embeddings"):
-            got = shape[1]
-        if want is not None and got != want:
-            raise AdapterRejected(
-                f"Adapter '{files.ref.label}' does not fit base '{base.name}': '{module_path}' has "
-                f"{which} size {got} where the base has {want}. It was made for a different model size."
-            )
-
-
-def merges_layer_by_layer(files: AdapterFiles) -> bool:
-    """Whether the engine's own merge handles this adapter (plain LoRA on linear layers).
-
-    The rest (trained biases, modules_to_save, fan_in_fan_out, layer filters) goes through peft.
-    """
-    from engines.multilora import unsupported_reason
-
-    config = files.config
-    filters = ("layers_to_transform", "layers_pattern", "exclude_modules")
-    return unsupported_reason(config) is None and not any(config.get(key) for key in filters)
-
-
-def targeted_linears(model: Any, files: AdapterFiles) -> dict[str, Any]:
-    """The linear layers of ``model`` that the adapter's ``target_modules`` name, by module path."""
-    import torch
-
-    targets = files.target_modules
-    found: dict[str, Any] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if isinstance(targets, str):
-            hit = re.fullmatch(targets, name) is not None
-        elif "all-linear" in targets:
-            hit = leaf != "lm_head"
-        else:
-            hit = leaf in targets or name in targets or any(name.endswith(f".{t}") for t in targets)
-        if hit:
-            found[name] = module
-    return found
-
-
-def build_variant(base: LoadedModel, files: AdapterFiles, name: str) -> LoadedModel:
-    """Merge ``files`` into a shallow clone of ``base``; only targeted weights get new memory."""
-    started = time.perf_counter()
-    try:
-        if merges_layer_by_layer(files):
-            merged = _merge_layer_by_layer(base, files)
-        else:
-            merged = _merge_with_peft(base, files)
-    except AdapterRejected:
-        raise
-    except Exception as exc:
-        # The files are untrusted input: safetensors raises its own error types for a corrupt file.
-        log.warning("merging adapter %s failed", files.ref.key, exc_info=True)
-        raise AdapterRejected(f"Adapter '{files.ref.label}' could not be merged: {public_text(exc)}") from exc
-    merged.eval()
-    merged.requires_grad_(False)
-    variant = LoadedModel(
-        name=name,
-        model=merged,
-        tokenizer=adapter_tokenizer(files.folder, base.tokenizer),
-        dtype=base.dtype,
-        device=base.device,
-        context_length=base.context_length,
-        eos_token_ids=base.eos_token_ids,
-        sampling_defaults=base.sampling_defaults,
-        nbytes=tensor_bytes(merged, exclude=storage_pointers(base.model)),
-        load_seconds=time.perf_counter() - started,
-        parent=base.name,
-        root=files.ref.source,
-        dtype_reason=base.dtype_reason,
-        serving="merged",
-    )
-    log.info(
-        "merged adapter %s into %s (+%.1f MiB, %.2fs)",
-        files.ref.key,
-        base.name,
-        variant.nbytes / 2**20,
-        variant.load_seconds,
-    )
-    return variant
-
-
-def _merge_layer_by_layer(base: LoadedModel, files: AdapterFiles) -> Any:
-    """W' = W + scale * B @ A for each targeted layer in turn, in fp32, cast once into a new tensor.
-
-    The peak beyond the variant's own new weights is one layer's fp32 temporary, so an all-projection
-    adapter on a 7B base needs 180 MB to merge, not a float32 copy of every targeted layer at once.
-    """
-    import torch
-
-    from engines.multilora import load_lora_weights
-
-    clone = shallow_clone(base.model)
-    layers = targeted_linears(clone, files)
-    device = next(base.model.parameters()).device
-    weights = load_lora_weights(files.weights_file, files.config, torch.float32, "cpu")
-    missing = sorted(set(layers) - set(weights.modules))
-    if missing:
-        raise AdapterRejected(
-            f"Adapter '{files.ref.key}' targets {len(missing)} layers its weights file does not hold "
-            f"(e.g. {missing[:3]}): the file is incomplete or was saved for a different model."
-        )
-    with torch.no_grad():
-        for module_name, (a, b) in weights.modules.items():
-            layer = layers.get(module_name)
-            if layer is None:
-                raise AdapterRejected(
-                    f"Adapter '{files.ref.key}' has weights for '{module_name}', which is not a layer it "
-                    "targets in this base."
-                )
-            dtype = layer.weight.dtype
-            merged = layer.weight.detach().to(torch.float32, copy=True)
-            merged.addmm_(b.to(device), a.to(device))
-            layer.weight = torch.nn.Parameter(merged.to(dtype), requires_grad=False)
-            del merged
-    return clone
-
-
-def _merge_with_peft(base: LoadedModel, files: AdapterFiles) -> Any:
-    """peft's own merge for adapters with trained biases, saved modules or layer filters."""
-    import torch
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-
-    clone = shallow_clone(base.model)
-    target_dtype = next(base.model.parameters()).dtype
-    with warnings.catch_warnings():
-        # peft asks transformers 5 for ``is_gradient_checkpointing``, which answers with a FutureWarning
-        # (renamed ``is_activation_checkpointing``) on every first load: peft's, not the user's, to fix.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = PeftModel.from_pretrained(clone, str(files.weights_file.parent), is_trainable=False)
-    _check_weights_complete(files, peft_model)
-    replaced: list[Any] = []
-    for module in peft_model.modules():
-        if isinstance(module, LoraLayer):
-            layer: Any = module.get_base_layer()
-            # Give the targeted layer its own fp32 copy, so the in-place merge neither touches the
-            # shared base tensor nor loses precision to bf16 rounding of the delta.
-            layer.weight = torch.nn.Parameter(
-                layer.weight.detach().to(torch.float32, copy=True), requires_grad=False
-            )
-            replaced.append(layer)
-    merged = peft_model.merge_and_unload()
-    for layer in replaced:
-        layer.weight = torch.nn.Parameter(layer.weight.detach().to(target_dtype), requires_grad=False)
-    return merged
-
-
-_SAVED_LORA_KEY_RE = re.compile(r"^base_model\.model\.(.*)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight$")
-
-
-def _saved_lora_matrices(weights_file: Path) -> set[tuple[str, str]]:
-    """``(module path, "lora_A" | "lora_B")`` for every LoRA matrix the weights file holds."""
-    from engines.weights import read_header
-
-    keys = list(read_header(weights_file))
-    matches = (_SAVED_LORA_KEY_RE.match(key) for key in keys)
-    return {(match.group(1), match.group(2)) for match in matches if match}
-
-
-def _check_weights_complete(files: AdapterFiles, peft_model: Any) -> None:
-    """Refuse an adapter whose file lacks matrices for modules it targets.
-
-    peft only warns about missing keys and leaves those matrices at their initialisation (random with
-    ``init_lora_weights=False``, zero B otherwise), so merging would silently serve noise or the base.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    saved = _saved_lora_matrices(files.weights_file)
-    missing = [
-        f"{path}.{which}"
-        for module_name, module in peft_model.named_modules()
-        if isinstance(module, LoraLayer) and len(module.lora_A)
-        for path in [module_name.removeprefix("base_model.model.")]
-        for which in ("lora_A", "lora_B")
-        if (path, which) not in saved
-    ]
-    if missing:
-        raise AdapterRejected(
-            f"Adapter '{files.ref.label}' targets {len(missing)} LoRA matrices its weights file does not "
-            f"hold (e.g. {missing[:3]}): the file is incomplete or was saved for a different model."
-        )
-
-
-def adapter_tokenizer(folder: Path, base_tokenizer: Any) -> Any:
-    """An adapter may ship its own tokenizer (e.g. a different chat template); otherwise the base's."""
-    if not (folder / "tokenizer_config.json").is_file():
-        return base_tokenizer
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        log.warning("adapter tokenizer in %s unusable (%s); using the base's", folder, exc)
-        return base_tokenizer
-    if len(tokenizer) != len(base_tokenizer):
-        raise AdapterRejected(
-            f"The adapter ships a tokenizer with {len(tokenizer)} tokens but the base has "
-            f"{len(base_tokenizer)}; adapters that resize the vocabulary are not supported."
-        )
-    return tokenizer
-
-
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-
-
-@dataclass(frozen=True)
-class CheckpointFacts:
-    """What a checkpoint's files say about its size, read without loading a weight."""
-
-    parameters: int
-    largest_tensor: int  # elements
-    stored_dtype: str
-    layers: int
-    kv_width: int  # key (or value) elements per token per layer
-    context: int
-    #: Elements and rows of the 2-D tensors (linear weights and embeddings): what int8 quantizes.
-    matrix_parameters: int = 0
-    matrix_rows: int = 0
-
-    def kv_bytes_per_token(self, element: int) -> int:
-        return 2 * self.layers * self.kv_width * element
-
-    def int8_bytes(self, element: int) -> int:
-        """Resident bytes once quantized: int8 matrices, a bf16 scale per row, the rest in ``element``."""
-        return (
-            self.matrix_parameters
-            + 2 * self.matrix_rows
-            + (self.parameters - self.matrix_parameters) * element
-        )
-
-
-def checkpoint_facts(folder: Path) -> CheckpointFacts:
-    """Parameter count from the safetensors headers (or the size of pickle files), and the config."""
-    import json
-
-    from engines.weights import checkpoint_tensors
-
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        config = {}
-    config = config if isinstance(config, dict) else {}
-    nested = config.get("text_config")
-    text: dict[str, Any] = nested if isinstance(nested, dict) else config
-    stored = str(config.get("torch_dtype") or config.get("dtype") or "float32")
-    stored = stored if stored in _DTYPE_BYTES else "float32"
-    tensors = checkpoint_tensors(folder)
-    matrices = [t.shape for t in tensors.values() if len(t.shape) == 2]
-    if tensors:
-        sizes = [math.prod(t.shape) for t in tensors.values()]
-    else:
-        files = list(folder.glob("*.bin")) + list(folder.glob("*.pt"))
-        sizes = [path.stat().st_size // _DTYPE_BYTES[stored] for path in files]
-    heads = int(text.get("num_attention_heads") or 1)
-    hidden = int(text.get("hidden_size") or 0)
-    head_dim = int(text.get("head_dim") or (hidden // heads if heads else 0))
-    return CheckpointFacts(
-        parameters=sum(sizes),
-        largest_tensor=max(sizes, default=0),
-        stored_dtype=stored,
-        layers=int(text.get("num_hidden_layers") or 0),
-        kv_width=int(text.get("num_key_value_heads") or heads) * head_dim,
-        context=int(text.get("max_position_embeddings") or 2048),
-        # Without safetensors headers (pickle checkpoints) every weight counts as a matrix.
-        matrix_parameters=sum(rows * cols for rows, cols in matrices) if tensors else sum(sizes),
-        matrix_rows=sum(rows for rows, _cols in matrices),
-    )
-
-
-def estimate_merge_bytes(files: AdapterFiles, base: LoadedModel) -> int:
-    """Bytes a merged variant adds (a new copy of every targeted weight) plus its merge's peak.
-
-    The engine's own merge works one layer at a time (one fp32 temporary); peft's merge, used for the
-    adapters the engine does not merge itself, makes fp32 copies of every targeted layer at once.
-    """
-    layers = targeted_linears(base.model, files)
-    sizes = [layer.weight.numel() for layer in layers.values()]
-    own = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers.values())
-    temporary = 4 * (max(sizes, default=0) if merges_layer_by_layer(files) else sum(sizes))
-    return own + temporary

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engines.adapters import (
+from engines.adapters.files import (
     ADAPTER_FETCH_TIMEOUT,
     AdapterFiles,
     AdapterRef,
@@ -23,67 +23,19 @@ from engines.adapters import (
     read_adapter_files,
     resolve_adapter_ref,
 )
+from engines.adapters.variants import attach_unmerged, build_variant, check_adapter_fits, estimate_merge_bytes
 from engines.catalog import BaseSpec, Catalog
 from engines.errors import AdapterRejected, InsufficientMemory, Overloaded
+from engines.forward.multilora import multilora_for, unsupported_reason
 from engines.hub import HubFetcher
-from engines.loader import (
-    BITSANDBYTES,
-    BasePlan,
-    LoadedModel,
-    adapter_tokenizer,
-    build_variant,
-    check_adapter_fits,
-    estimate_merge_bytes,
-    load_base,
-    plan_base_load,
-)
+from engines.loader import BITSANDBYTES, BasePlan, LoadedModel, load_base, plan_base_load
 from engines.memory import MemoryBudgets, mib
-from engines.multilora import load_lora_weights, multilora_for, unsupported_reason
 from engines.names import ModelName
 from engines.threads import run_on_own_thread
 
 log = logging.getLogger("peft_gateway.pool")
 
 MERGED_SUFFIX = "#merged"
-
-
-def attach_unmerged(base: LoadedModel, files: AdapterFiles, model_id: str, reason: str) -> LoadedModel:
-    """Register the adapter on the base's multi-LoRA hooks; the result shares the base model object."""
-    started = time.perf_counter()
-    parameter = next(base.model.parameters())
-    weights = load_lora_weights(files.weights_file, files.config, parameter.dtype, parameter.device)
-    registry = multilora_for(base.model)
-    base.multilora = registry
-    held_before = registry.nbytes
-    slot = registry.add(files.ref.key, weights)
-    log.info(
-        "attached adapter %s to %s unmerged (slot %d, %.1f MiB): %s",
-        files.ref.key,
-        base.name,
-        slot,
-        (registry.nbytes - held_before) / 2**20,
-        reason,
-    )
-    return LoadedModel(
-        name=model_id,
-        model=base.model,
-        tokenizer=adapter_tokenizer(files.folder, base.tokenizer),
-        dtype=base.dtype,
-        device=base.device,
-        context_length=base.context_length,
-        eos_token_ids=base.eos_token_ids,
-        sampling_defaults=base.sampling_defaults,
-        nbytes=registry.nbytes - held_before,
-        load_seconds=time.perf_counter() - started,
-        parent=base.name,
-        root=files.ref.source,
-        multilora=registry,
-        adapter_slot=slot,
-        dtype_reason=base.dtype_reason,
-        serving="unmerged",
-        serving_reason=reason,
-        quantization=base.quantization,
-    )
 
 
 @dataclass

@@ -14,22 +14,18 @@ A finished or cancelled sequence leaves its batch before the next step and frees
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
 import logging
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from engines.devices import decode_kernels
 from engines.errors import InsufficientMemory, Overloaded
+from engines.forward import run as forward
+from engines.forward.kvcache import BatchKVCache
+from engines.forward.lean import LeanDecoder
 from engines.kv_budget import batch_bound, kv_bytes_per_token
-from engines.kvcache import BatchKVCache
-from engines.lean_decode import LeanDecoder
 from engines.loader import LoadedModel
 from engines.memory import MemoryBudget, MemoryBudgets, mib
 from engines.prefix_cache import PrefixCache, PrefixView, cache_from_prefix
@@ -49,33 +45,6 @@ def kv_too_large(sequence: Sequence, need: int, budget: MemoryBudget) -> Insuffi
     )
 
 
-def cache_kwarg(model: Any) -> str:
-    """transformers renamed ``past_key_values`` to ``cache``; use whichever this version takes."""
-    model_type: Any = type(model)
-    return _cache_kwarg_for(model_type)
-
-
-@functools.lru_cache(maxsize=64)
-def _cache_kwarg_for(model_type: Any) -> str:
-    parameters = inspect.signature(model_type.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
-@contextlib.contextmanager
-def adapter_rows(rows: list[Sequence]) -> Iterator[None]:
-    """Tell the base's multi-LoRA hooks which adapter each row uses, for one forward pass."""
-    registry = next((s.model.multilora for s in rows if s.model.multilora is not None), None)
-    if registry is None:
-        yield
-        return
-    with registry.lock:
-        registry.set_rows([s.model.adapter_slot for s in rows])
-        try:
-            yield
-        finally:
-            registry.set_rows([])
-
-
 @dataclass
 class SchedulerStats:
     """Live numbers for metrics and benchmarks."""
@@ -90,7 +59,6 @@ class _ModelBatch:
     """The sequences of one loaded model that decode together, and their shared KV cache."""
 
     loaded: LoadedModel
-    cache_key: str
     decoder: LeanDecoder | None = None
     kv: BatchKVCache | None = None
     rows: list[Sequence] = field(default_factory=list)
@@ -330,13 +298,11 @@ class Scheduler:
         ids = torch.tensor([chunk], dtype=torch.long, device=device)
         # The last position as an index tensor, not ``logits_to_keep=1``: that slice keeps the prompt's
         # stride, so torch's matmul cannot fold it into one matrix product with weights that do not
-        # require grad and copies the whole transposed lm_head instead (+40% on a bf16 prefill).
+        # require grad and copies the whole transposed lm_head instead, a large share of a bf16 prefill
+        # (figures in bench/README.md).
         # A scored prompt keeps all positions (``0``).
         last = 0 if scored else torch.tensor([len(chunk) - 1], device=device)
-        with adapter_rows([sequence]):
-            output = model(
-                input_ids=ids, use_cache=True, logits_to_keep=last, **{cache_kwarg(model): sequence.cache}
-            )
+        output = forward.prefill([sequence], model, ids, sequence.cache, last)
         if scored:
             targets = list(prompt[start + 1 : start + len(chunk) + 1])
             top = sequence.request.prompt_logprobs or 0
@@ -362,11 +328,7 @@ class Scheduler:
         batch = self._batches.get(key)
         if batch is None:
             model = sequence.model.model
-            batch = self._batches[key] = _ModelBatch(
-                loaded=sequence.model,
-                cache_key=cache_kwarg(model),
-                decoder=self._decoder_for(model),
-            )
+            batch = self._batches[key] = _ModelBatch(loaded=sequence.model, decoder=self._decoder_for(model))
         if batch.kv is None:
             batch.kv = batch.new_cache()
         batch.kv.add_row(sequence.cache)
@@ -397,8 +359,7 @@ class Scheduler:
             kv.reserve(1)
             positions = kv.position_ids()
             ids = torch.tensor([[s.next_input()] for s in batch.rows], dtype=torch.long, device=kv.device)
-            with adapter_rows(batch.rows), decode_kernels(kv.dtype, kv.device, len(batch.rows)):
-                logits = self._forward_one(batch, kv, ids, positions)
+            logits = forward.decode(batch.rows, batch.loaded.model, batch.decoder, kv, ids, positions)
             kv.advance()
         except Exception as exc:
             log.exception("decode step failed for a batch of %d", len(batch.rows))
@@ -423,18 +384,3 @@ class Scheduler:
         if model not in self._decoders:
             self._decoders[model] = LeanDecoder.for_model(model)
         return self._decoders[model]
-
-    @staticmethod
-    def _forward_one(batch: _ModelBatch, kv: BatchKVCache, ids: Any, positions: Any) -> Any:
-        """Logits ``[rows, vocab]`` for one new token per row, by the lean step where the model has one."""
-        if batch.decoder is not None:
-            return batch.decoder.step(ids, kv, positions)
-        output = batch.loaded.model(
-            input_ids=ids,
-            attention_mask=kv.attention_mask(),
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-            **{batch.cache_key: kv},
-        )
-        return output.logits[:, -1]

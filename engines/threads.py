@@ -4,10 +4,10 @@
 torch's OpenMP runtime (libgomp) gives each thread that runs a parallel operation its own team of worker
 threads for as long as that thread lives. Once there are more OpenMP threads than CPUs, libgomp cuts the
 spinning of every team short, so each of the hundreds of small parallel regions in a decode step waits
-for its workers to be woken. Measured on the 2-core development machine: one adapter merged on a pooled
-thread took the base's bf16 decode step from 17.7 to 30.6 ms for the rest of the process's life. A new
-thread per load (seconds of work) costs nothing and its OpenMP team goes with it, leaving the engine
-thread's team the only one.
+for its workers to be woken. On the 2-core development machine one adapter merged on a pooled thread
+made the base's bf16 decode step markedly slower for the rest of the process's life (figures in
+bench/README.md). A new thread per load (seconds of work) costs nothing and its OpenMP team goes with
+it, leaving the engine thread's team the only one.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The size of a model's vocabulary, counted once per tokenizer.
 
 Requests check their token ids (prompt ids, ``logit_bias`` keys) against it before they are queued,
-and transformers answers ``len(tokenizer)`` by rebuilding the whole vocabulary: 2-7 ms a request on a
-49k-token tokenizer, all of it before the first token.
+and transformers answers ``len(tokenizer)`` by rebuilding the whole vocabulary: milliseconds a request
+on a 49k-token tokenizer, all of it before the first token (figures in bench/README.md).
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Loading safetensors checkpoints straight into their final buffers, one tensor at a time.
 
-``from_pretrained`` peaks well above the weights it loads (1.25x for a bf16 checkpoint, 1.6x when it
-casts to fp32, measured on a 1 GB model): it memory-maps the shards, casts into new tensors and leaves
-the later q/k/v fusion to copy every attention and MLP weight once more. At 7B in bf16 that is the
-difference between fitting a 24 GB machine and being OOM-killed. Here the model is built with its
-parameters on the ``meta`` device, every parameter (fused groups included) is allocated once in its
-final dtype and device, and each tensor is read from the file with plain reads into that memory. The
-page cache holds the file, not the process, and a cast needs one tensor's temporary.
+``from_pretrained`` peaks well above the weights it loads, more so when it casts to fp32 (figures in
+bench/README.md): it memory-maps the shards, casts into new tensors and leaves the later q/k/v fusion
+to copy every attention and MLP weight once more. At 7B in bf16 that is the difference between fitting
+a 24 GB machine and being OOM-killed. Here the model is built with its parameters on the ``meta``
+device, every parameter (fused groups included) is allocated once in its final dtype and device, and
+each tensor is read from the file with plain reads into that memory. The page cache holds the file,
+not the process, and a cast needs one tensor's temporary.
 
 Anything this path does not understand (``.bin`` checkpoints, keys that are not parameter names,
 parameters the checkpoint lacks) makes ``load_streaming`` return ``None`` so the caller can fall back
@@ -16,91 +16,18 @@ to ``from_pretrained``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
-import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 
+from engines.checkpoint import CheckpointError, StoredTensor, checkpoint_tensors
+from engines.forward.int8 import convert_to_int8, quantize_rows_into
+from engines.forward.layout import projection_groups
+
 log = logging.getLogger("peft_gateway.weights")
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-#: A safetensors header larger than this is not a model's (a 7B header is about 30 KB).
-MAX_HEADER_BYTES = 64 * 2**20
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """Where one tensor lies in a safetensors file."""
-
-    file: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int  # absolute file offset of the first byte
-    nbytes: int
-
-
-class CheckpointError(ValueError):
-    """A safetensors file whose header cannot be used."""
-
-
-def read_header(file: Path) -> dict[str, StoredTensor]:
-    """The tensors of one safetensors file, from its JSON header alone."""
-    with file.open("rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) != 8:
-            raise CheckpointError(f"{file.name}: too short for a safetensors file")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{file.name}: header of {length} bytes")
-        try:
-            header = json.loads(handle.read(length))
-        except ValueError as exc:
-            raise CheckpointError(f"{file.name}: unreadable header ({exc})") from exc
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{file.name}: header is not an object")
-    size = file.stat().st_size
-    tensors: dict[str, StoredTensor] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(v) for v in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{file.name}: tensor '{name}' has an unusable entry") from exc
-        nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
-        start = 8 + length + begin
-        if end - begin != nbytes or start + nbytes > size:
-            raise CheckpointError(f"{file.name}: tensor '{name}' lies outside the file (truncated?)")
-        tensors[name] = StoredTensor(file, dtype, shape, start, nbytes)
-    return tensors
-
-
-def checkpoint_tensors(folder: Path) -> dict[str, StoredTensor]:
-    """Every tensor of a folder's safetensors shards."""
-    tensors: dict[str, StoredTensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(read_header(file))
-    return tensors
 
 
 def read_into(stored: StoredTensor, destination: torch.Tensor, handle: Any) -> None:
@@ -179,13 +106,10 @@ def load_streaming(
 ) -> Any:
     """The model in ``folder`` loaded with a peak of its weights plus one tensor, or ``None`` (see module).
 
-    ``quantization = "int8"`` builds int8 layers (``engines.int8``) before anything is allocated and
+    ``quantization = "int8"`` builds int8 layers (``engines.forward.int8``) before anything is allocated and
     quantizes each matrix as it is read, so the full-precision model never exists in memory.
     """
     from transformers import AutoModelForCausalLM, GenerationConfig
-
-    from engines.int8 import convert_to_int8, quantize_rows_into
-    from engines.lean_decode import projection_groups
 
     if not any(folder.glob("*.safetensors")):
         return None

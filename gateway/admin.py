@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from engines.adapters import local_adapter_folder, resolve_adapter_ref
+from engines.adapters.files import local_adapter_folder, resolve_adapter_ref
 from engines.catalog import AdapterSpec
-from engines.engine import Engine
+from engines.engine import AnyEngine
 from engines.names import ModelName
 from gateway.errors import APIError
 from gateway.requests import parse_body
@@ -93,7 +93,7 @@ class UnloadAdapterRequest(BaseModel):
     model: str | None = None
 
 
-def _base_for(engine: Engine, requested: str | None) -> str:
+def _base_for(engine: AnyEngine, requested: str | None) -> str:
     if requested:
         return engine.catalog.base(requested).name
     if len(engine.catalog.bases) == 1:
@@ -106,7 +106,7 @@ def _base_for(engine: Engine, requested: str | None) -> str:
     )
 
 
-def _refuse_taken_name(request: Request, engine: Engine, body: LoadAdapterRequest) -> AdapterSpec | None:
+def _refuse_taken_name(request: Request, engine: AnyEngine, body: LoadAdapterRequest) -> AdapterSpec | None:
     """Refuse a ``lora_name`` that already means something; returns the runtime alias it replaces, if any."""
     name = body.lora_name
     for base in engine.catalog.bases:
@@ -150,7 +150,7 @@ def _configured_aliases(request: Request) -> set[str]:
 @admin_route
 async def load_lora_adapter(request: Request) -> Response:
     body = await parse_body(request, LoadAdapterRequest)
-    engine: Engine = request.app.state.engine
+    engine: AnyEngine = request.app.state.engine
     base = _base_for(engine, body.base_model_name)
     replaced = _refuse_taken_name(request, engine, body)
     # The path obeys the same rules as in a model name: a Hub id, or a folder under adapter_dirs.
@@ -168,7 +168,7 @@ async def load_lora_adapter(request: Request) -> Response:
     return JSONResponse(_card(lease.model_id, base, ref.source))
 
 
-def _undo_registration(engine: Engine, spec: AdapterSpec, replaced: AdapterSpec | None) -> None:
+def _undo_registration(engine: AnyEngine, spec: AdapterSpec, replaced: AdapterSpec | None) -> None:
     """Take back only this registration: aliases others registered meanwhile stay.
 
     Runs on the event loop with no ``await`` between the check and the swap, so no other registration
@@ -189,7 +189,7 @@ def _card(model_id: str, base: str, root: str) -> dict[str, Any]:
 @admin_route
 async def unload_lora_adapter(request: Request) -> Response:
     body = await parse_body(request, UnloadAdapterRequest)
-    engine: Engine = request.app.state.engine
+    engine: AnyEngine = request.app.state.engine
     if body.lora_name:
         if body.lora_name in _configured_aliases(request):
             raise APIError(
@@ -243,7 +243,7 @@ async def unload_lora_adapter(request: Request) -> Response:
 async def load_model(request: Request) -> Response:
     """Preload a base or ``base+adapter`` (what ``peft-gateway launch`` calls)."""
     body = await parse_body(request, LoadModelRequest)
-    engine: Engine = request.app.state.engine
+    engine: AnyEngine = request.app.state.engine
     lease = await engine.acquire(body.model)
     lease.release()
     loaded = lease.loaded

@@ -9,7 +9,6 @@ import tempfile
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -18,7 +17,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from engines.engine import Engine, EngineLimits
+from engines.engine import AnyEngine, Engine, EngineLimits
 from gateway.admin import load_lora_adapter, load_model, unload_lora_adapter
 from gateway.cancellation import ClientDisconnected, handle_client_disconnected
 from gateway.chat import chat_completions
@@ -28,7 +27,7 @@ from gateway.metrics import GatewayMetrics, metrics_endpoint
 from gateway.middleware import ApiKeyAuth, BodySizeLimit, RequestContext
 from gateway.models import get_model, list_models
 from gateway.playground import playground
-from gateway.responses import create_response
+from gateway.responses.route import create_response
 from gateway.settings import Settings
 
 log = logging.getLogger("peft_gateway.app")
@@ -44,7 +43,7 @@ async def health(request: Request) -> Response:
 
 async def ready(request: Request) -> Response:
     """Readiness: config loaded, engine thread alive, HF cache writable (downloads would fail otherwise)."""
-    engine: Engine = request.app.state.engine
+    engine: AnyEngine = request.app.state.engine
     checks = {
         "config": True,
         "engine": engine.scheduler.alive,
@@ -111,8 +110,8 @@ def middleware(settings: Settings) -> list[Middleware]:
 
 
 #: Makes the app's engine and hooks it to the app's metrics: the in-process ``Engine`` by default, or an
-#: engine-like client of engine replicas elsewhere (``gateway.ray_serve``), so the routes stay the same.
-EngineFactory = Callable[[Settings, GatewayMetrics], Any]
+#: engine-like client of engine replicas elsewhere (``gateway.cluster.engine``), so the routes stay the same.
+EngineFactory = Callable[[Settings, GatewayMetrics], AnyEngine]
 
 
 def local_engine(settings: Settings, metrics: GatewayMetrics) -> Engine:
@@ -121,7 +120,7 @@ def local_engine(settings: Settings, metrics: GatewayMetrics) -> Engine:
     return engine
 
 
-async def cancel_fetches_on_exit(engine: Any, poll: float = 0.25) -> None:
+async def cancel_fetches_on_exit(engine: AnyEngine, poll: float = 0.25) -> None:
     """On SIGTERM, stop waiting on the Hub at once.
 
     uvicorn runs the lifespan's shutdown only after connections drain, and a request waiting on a
@@ -132,9 +131,7 @@ async def cancel_fetches_on_exit(engine: Any, poll: float = 0.25) -> None:
 
     while not AppStatus.should_exit:
         await asyncio.sleep(poll)
-    cancel = getattr(engine, "cancel_fetches", None)
-    if cancel is not None:
-        cancel()
+    engine.cancel_fetches()
 
 
 def create_app(settings: Settings, engine_factory: EngineFactory = local_engine) -> Starlette:

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-import time
-import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from engines.engine import Admitted, Engine
+from engines.engine import Admitted, AnyEngine, EngineLease
 from engines.generation import ChatMessage, GenerationRequest
 from engines.template_sandbox import RenderLimits
 from engines.toolcalls import ContentDelta, ToolCallStream
-from gateway.cancellation import run_while_connected
 from gateway.constraints import ToolPlan, plan
 from gateway.errors import APIError
+from gateway.generate import Prepared, serve_generation
 from gateway.protocol import ChatCompletionRequest
 from gateway.requests import (
     cap_tokens,
@@ -30,10 +28,8 @@ from gateway.requests import (
 )
 from gateway.settings import Settings
 from gateway.streaming import (
-    admit_all,
     chunk_writer,
     envelope,
-    event_stream,
     logprob_entries,
     run_choices,
     usage_dict,
@@ -81,13 +77,12 @@ async def chat_completions(request: Request) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
     refuse_unsupported(body)
     settings: Settings = request.app.state.settings
-    engine: Engine = request.app.state.engine
     limit = body.token_limit()
     check_limits(settings, limit, "max_completion_tokens" if body.max_completion_tokens else "max_tokens")
     check_choices(settings, body.n, "n")
     check_prompt_size(settings, sum(len(m.text() or "") for m in body.messages), "messages")
-    lease = await engine.acquire(body.model)
-    try:
+
+    async def prepare(engine: AnyEngine, lease: EngineLease) -> Prepared:
         messages = [
             ChatMessage(
                 role=m.role,
@@ -135,26 +130,20 @@ async def chat_completions(request: Request) -> Response:
         if constraint is not None:
             grammar = await engine.compile_grammar(lease, constraint)
             requests = [dataclasses.replace(r, grammar=grammar) for r in requests]
-        admitted = admit_all(engine, lease, requests)
-    except BaseException:
-        lease.release()
-        raise
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        frames = _stream(admitted, requests, body.model, completion_id, created, include_usage, tool_plan)
-        return event_stream(frames, lease, admitted, shutdown_grace=settings.server.shutdown_grace)
-    try:
-        return await run_while_connected(
-            request,
-            _complete(admitted, requests, body, completion_id, created, tool_plan),
-            timeout=settings.server.request_timeout,
+        return Prepared(
+            requests,
+            frames=lambda admitted, completion_id, created: _stream(
+                admitted, requests, body.model, completion_id, created, include_usage, tool_plan
+            ),
+            complete=lambda admitted, completion_id, created: _complete(
+                admitted, requests, body, completion_id, created, tool_plan
+            ),
         )
-    finally:
-        for generation in admitted:
-            generation.cancel()
-        lease.release()
+
+    return await serve_generation(
+        request, body.model, stream=body.stream, id_prefix="chatcmpl", prepare=prepare
+    )
 
 
 def _tool_stream(tool_plan: ToolPlan | None) -> ToolCallStream | None:

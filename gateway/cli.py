@@ -38,7 +38,8 @@ class CliError(Exception):
 
 def with_demo(settings: Settings, demo_dir: Path | None = None) -> Settings:
     """``settings`` plus the built-in demo pair (built once into the user's cache folder)."""
-    from engines.demo import DEMO_ADAPTER_NAME, DEMO_BASE_NAME, DEMO_BASE_REPO_ID, ensure_demo_models
+    from engines.demo.content import DEMO_ADAPTER_NAME, DEMO_BASE_NAME, DEMO_BASE_REPO_ID
+    from engines.demo.models import ensure_demo_models
 
     demo = ensure_demo_models(demo_dir, log=lambda line: print(line, file=sys.stderr, flush=True))
     models = dict(settings.models)
@@ -201,8 +202,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     Only a base that the configuration names can be pulled: ``serve`` loads configured bases only, so
     downloading any other model would succeed and leave nothing a request could use (404 at serve time).
     """
-    from engines.adapters import fetch_adapter, resolve_adapter_ref
-    from engines.demo import DEMO_ADAPTER_NAME, DEMO_BASE_NAME
+    from engines.adapters.files import fetch_adapter, resolve_adapter_ref
+    from engines.demo.content import DEMO_ADAPTER_NAME, DEMO_BASE_NAME
     from engines.errors import EngineError
     from engines.loader import base_folder
     from engines.names import ModelName, is_hub_id
@@ -270,12 +271,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve_on_ray(settings: Settings, address: str) -> int:
-    """``serve --ray``: the same app as Ray Serve's ingress, engines as replicas (``gateway.ray_serve``)."""
+    """``serve --ray``: the same app as Ray Serve's ingress, engines as replicas (``gateway.cluster``)."""
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:
         raise CliError("serving on Ray needs Ray Serve: pip install 'peft-gateway[ray]'", EXIT_USAGE)
-    from gateway.ray_serve import serve_on_ray
+    from gateway.cluster.deploy import serve_on_ray
 
     return serve_on_ray(settings, address)
 

@@ -8,19 +8,16 @@ covers the prompt's own tokens too (the first one ``null``), as lm-eval's loglik
 from __future__ import annotations
 
 import dataclasses
-import time
-import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from engines.engine import Admitted, Engine
+from engines.engine import Admitted, AnyEngine, EngineLease
 from engines.generation import GenerationEvent, GenerationRequest, PromptLogprobs
-from engines.pool import Lease
-from gateway.cancellation import run_while_connected
 from gateway.errors import APIError
+from gateway.generate import Prepared, serve_generation
 from gateway.protocol import CompletionRequest
 from gateway.requests import (
     cap_tokens,
@@ -32,7 +29,7 @@ from gateway.requests import (
     sampling_params,
 )
 from gateway.settings import Settings
-from gateway.streaming import admit_all, chunk_writer, envelope, event_stream, run_choices, usage_dict
+from gateway.streaming import chunk_writer, envelope, run_choices, usage_dict
 
 
 def _prompts(body: CompletionRequest) -> list[str | list[int]]:
@@ -95,13 +92,12 @@ async def completions(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest)
     refuse_unsupported(body)
     settings: Settings = request.app.state.settings
-    engine: Engine = request.app.state.engine
     check_limits(settings, body.max_tokens, "max_tokens")
     prompts = _prompts(body)
     check_choices(settings, len(prompts) * body.n, "n" if body.n > 1 else "prompt")
     check_prompt_size(settings, sum(len(p) for p in prompts), "prompt")
-    lease = await engine.acquire(body.model)
-    try:
+
+    async def prepare(engine: AnyEngine, lease: EngineLease) -> Prepared:
         want_logprobs = body.logprobs is not None
         request_id = getattr(request.state, "request_id", "")
 
@@ -136,43 +132,22 @@ async def completions(request: Request) -> Response:
 
         requests = await off_loop(request, build)
         echoes = [_prompt_text(lease, p) if body.echo else "" for p in prompts for _ in range(body.n)]
-        admitted = admit_all(engine, lease, requests)
-    except BaseException:
-        lease.release()
-        raise
-    prompt_tokens = sum(len(r.prompt_ids) for r in requests[:: body.n])
-    completion_id = f"cmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
-    if body.stream:
+        prompt_tokens = sum(len(r.prompt_ids) for r in requests[:: body.n])
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return event_stream(
-            _stream(
-                admitted,
-                requests,
-                body.model,
-                completion_id,
-                created,
-                include_usage,
-                echoes,
-                prompt_tokens,
+        return Prepared(
+            requests,
+            frames=lambda admitted, completion_id, created: _stream(
+                admitted, requests, body.model, completion_id, created, include_usage, echoes, prompt_tokens
             ),
-            lease,
-            admitted,
-            shutdown_grace=settings.server.shutdown_grace,
+            complete=lambda admitted, completion_id, created: _complete(
+                admitted, requests, body, completion_id, created, echoes
+            ),
         )
-    try:
-        return await run_while_connected(
-            request,
-            _complete(admitted, requests, body, completion_id, created, echoes),
-            timeout=settings.server.request_timeout,
-        )
-    finally:
-        for generation in admitted:
-            generation.cancel()
-        lease.release()
+
+    return await serve_generation(request, body.model, stream=body.stream, id_prefix="cmpl", prepare=prepare)
 
 
-def _prompt_text(lease: Lease, prompt: str | list[int]) -> str:
+def _prompt_text(lease: EngineLease, prompt: str | list[int]) -> str:
     if isinstance(prompt, str):
         return prompt
     return str(lease.loaded.tokenizer.decode(prompt, skip_special_tokens=False))

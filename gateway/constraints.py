@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from engines.engine import ServedModel
 from engines.grammar import ANY_OBJECT, Constraint
-from engines.loader import LoadedModel
 from engines.toolcalls import ToolFormat, call_grammar, detect_format
 from gateway.errors import APIError
 from gateway.protocol import ChatCompletionRequest, ResponseFormat
@@ -56,7 +56,7 @@ def function_specs(tools: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any
     return specs
 
 
-def tool_format(settings: Settings, loaded: LoadedModel) -> ToolFormat:
+def tool_format(settings: Settings, loaded: ServedModel) -> ToolFormat:
     """The model's tool-call format: ``[models.X] tool_parser``, else read from its chat template."""
     model = settings.models.get(loaded.parent or loaded.name)
     configured = model.tool_parser if model is not None else "auto"
@@ -94,7 +94,7 @@ def forced_function(body: ChatCompletionRequest, names: list[str]) -> list[str] 
 
 
 def plan(
-    body: ChatCompletionRequest, settings: Settings, loaded: LoadedModel
+    body: ChatCompletionRequest, settings: Settings, loaded: ServedModel
 ) -> tuple[Constraint | None, ToolPlan | None]:
     """The grammar this request's output must follow (if any) and how to read tool calls (if any)."""
     tools = body.tools if body.tool_choice != "none" else None

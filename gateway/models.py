@@ -9,7 +9,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from engines.engine import Engine, ModelInfo
+from engines.engine import AnyEngine, ModelInfo
 from engines.names import is_hub_id
 from gateway.errors import APIError
 
@@ -51,7 +51,7 @@ def model_card(info: ModelInfo) -> dict[str, Any]:
     }
 
 
-def with_aliases(engine: Engine) -> list[ModelInfo]:
+def with_aliases(engine: AnyEngine) -> list[ModelInfo]:
     """``engine.models()`` plus a row for each configured adapter alias, and every variant's context.
 
     ``demo-zh`` is a model name clients may send (shorthand for ``demo+demo-zh``), so it is listed and
@@ -77,12 +77,12 @@ def with_aliases(engine: Engine) -> list[ModelInfo]:
 
 
 async def list_models(request: Request) -> Response:
-    engine: Engine = request.app.state.engine
+    engine: AnyEngine = request.app.state.engine
     return JSONResponse({"object": "list", "data": [model_card(info) for info in with_aliases(engine)]})
 
 
 async def get_model(request: Request) -> Response:
-    engine: Engine = request.app.state.engine
+    engine: AnyEngine = request.app.state.engine
     wanted = request.path_params["model"]
     for info in with_aliases(engine):
         if info.id == wanted:

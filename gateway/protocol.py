@@ -41,7 +41,9 @@ def system_fingerprint(model: str) -> str:
     return "fp_" + hashlib.sha256(model.encode("utf-8")).hexdigest()[:10]
 
 
-class _Request(BaseModel):
+class StrictRequest(BaseModel):
+    """A request body that refuses unknown fields by name and reads an explicit ``null`` as "not given"."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     @model_validator(mode="before")
@@ -62,7 +64,7 @@ class _Request(BaseModel):
         }
 
 
-class TextPart(_Request):
+class TextPart(StrictRequest):
     type: Literal["text"]
     text: str
 
@@ -89,12 +91,12 @@ class UnsupportedPart(BaseModel):
         )
 
 
-def _part_tag(value: Any) -> str:
+def part_tag(value: Any) -> str:
     kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
     return "part:unsupported" if kind in UNSUPPORTED_PARTS else "part:text"
 
 
-def _content_tag(value: Any) -> str:
+def content_tag(value: Any) -> str:
     return "list[parts]" if isinstance(value, list) else "str"
 
 
@@ -103,15 +105,15 @@ def _content_tag(value: Any) -> str:
 # the string branch; ``gateway.errors.param_from_loc`` leaves the tags out of ``param``.
 ContentPart = Annotated[
     Annotated[TextPart, Tag("part:text")] | Annotated[UnsupportedPart, Tag("part:unsupported")],
-    Discriminator(_part_tag),
+    Discriminator(part_tag),
 ]
 MessageContent = Annotated[
     Annotated[str, Tag("str")] | Annotated[list[ContentPart], Tag("list[parts]")],
-    Discriminator(_content_tag),
+    Discriminator(content_tag),
 ]
 
 
-class ChatMessageIn(_Request):
+class ChatMessageIn(StrictRequest):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: MessageContent | None = None
     name: str | None = Field(default=None, max_length=256)
@@ -133,12 +135,12 @@ class ChatMessageIn(_Request):
         return self
 
 
-class StreamOptions(_Request):
+class StreamOptions(StrictRequest):
     include_usage: bool = False
     include_obfuscation: bool | None = None
 
 
-class ResponseFormat(_Request):
+class ResponseFormat(StrictRequest):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: dict[str, Any] | None = None
 
@@ -146,7 +148,7 @@ class ResponseFormat(_Request):
 StopField = Annotated[str | list[str] | None, Field(default=None)]
 
 
-class SamplingFields(_Request):
+class SamplingFields(StrictRequest):
     """Fields shared by chat and text completions."""
 
     model: str = Field(min_length=1)

@@ -14,10 +14,9 @@ from typing import Any
 
 from starlette.responses import Response
 
-from engines.engine import Admitted, Engine
+from engines.engine import Admitted, AnyEngine, EngineLease
 from engines.errors import EngineError
 from engines.generation import GenerationEvent, GenerationRequest
-from engines.pool import Lease
 from gateway.errors import APIError, from_engine
 from gateway.protocol import system_fingerprint
 
@@ -32,7 +31,7 @@ def sse_data(payload: dict[str, Any]) -> str:
 
 def event_stream(
     frames: AsyncGenerator[str, None],
-    lease: Lease,
+    lease: EngineLease,
     admitted: list[Admitted],
     *,
     shutdown_grace: float = 30.0,
@@ -74,7 +73,7 @@ class _Drained(Exception):
 
 async def _finished(
     frames: AsyncGenerator[str, None],
-    lease: Lease,
+    lease: EngineLease,
     admitted: list[Admitted],
     shutdown: Any,
     grace: float,
@@ -132,7 +131,7 @@ async def _until_drained(
             await asyncio.gather(step, return_exceptions=True)
 
 
-def admit_all(engine: Engine, lease: Lease, requests: list[GenerationRequest]) -> list[Admitted]:
+def admit_all(engine: AnyEngine, lease: EngineLease, requests: list[GenerationRequest]) -> list[Admitted]:
     """Queue every choice now, or none: ``Overloaded`` (503) comes before any status line is sent."""
     admitted: list[Admitted] = []
     try:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from engines.tiny import save_tiny_adapter, save_tiny_base
+from engines.testing.tiny import save_tiny_adapter, save_tiny_base
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in demo models: the prebuilt ones that ship with the package (trained here only if stale)."""
-    from engines.demo import ensure_demo_models
+    from engines.demo.models import ensure_demo_models
 
     root = tmp_path_factory.mktemp("demo")
     ensure_demo_models(root)

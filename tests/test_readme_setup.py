@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engines.demo import DEMO_QUESTIONS
+from engines.demo.content import DEMO_QUESTIONS
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow

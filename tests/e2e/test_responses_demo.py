@@ -8,7 +8,7 @@ from typing import Any
 import openai
 import pytest
 
-from engines.demo import DEMO_QUESTIONS
+from engines.demo.content import DEMO_QUESTIONS
 from gateway.cli import with_demo
 from gateway.settings import Settings
 from tests.conftest import RunningServer

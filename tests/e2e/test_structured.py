@@ -16,7 +16,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from engines.tiny import save_tiny_adapter
+from engines.testing.tiny import save_tiny_adapter
 from gateway.settings import AdapterSettings, ModelSettings, Settings
 from tests.conftest import RunningServer, TinyModels
 from tests.e2e.test_compat_tools import loopback_only as loopback_only  # fixture: clients stay on loopback

@@ -1,4 +1,4 @@
-"""``engines.adapter_config``: every hostile ``adapter_config.json`` is a 400 naming adapter and field."""
+"""``engines.adapters.config``: every hostile ``adapter_config.json`` is a 400 naming adapter and field."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from engines.adapter_config import MAX_CONFIG_BYTES, load_adapter_config, validate_adapter_config
+from engines.adapters.config import MAX_CONFIG_BYTES, load_adapter_config, validate_adapter_config
 from engines.errors import AdapterRejected
 
 #: What ``LoraConfig(...).save_pretrained`` writes with peft 0.21 (the fields that carry values).

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 
-from engines.adapters import (
+from engines.adapters.files import (
     AdapterFiles,
     AdapterRef,
     check_base_match,
@@ -22,10 +22,11 @@ from engines.adapters import (
     read_adapter_files,
     resolve_adapter_ref,
 )
+from engines.adapters.variants import check_adapter_fits
 from engines.catalog import AdapterPolicy, AdapterSpec, BaseSpec, Catalog
 from engines.errors import AdapterRejected, InvalidModelName, ModelNotFound
-from engines.loader import LoadedModel, check_adapter_fits, load_base
-from engines.tiny import TinyShape, save_tiny_adapter, save_tiny_base
+from engines.loader import LoadedModel, load_base
+from engines.testing.tiny import TinyShape, save_tiny_adapter, save_tiny_base
 from tests.conftest import TinyModels
 
 BASE = BaseSpec(name="tiny", source="test-org/tiny-base", aliases=("tiny-alias",), token="hf_base_token")
@@ -347,7 +348,7 @@ def test_pickle_only_weights_are_served_from_a_safetensors_copy_by_default(
 def test_pickle_weights_are_unpickled_once_then_read_from_the_copy(
     adapter_copy: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import engines.pickle_weights
+    import engines.adapters.pickle_weights
 
     folder = adapter_copy()
     pickle_from_safetensors(folder)
@@ -356,7 +357,7 @@ def test_pickle_weights_are_unpickled_once_then_read_from_the_copy(
     def never(*args: object) -> None:
         raise AssertionError("unpickled again")
 
-    monkeypatch.setattr(engines.pickle_weights, "read_pickle_tensors", never)
+    monkeypatch.setattr(engines.adapters.pickle_weights, "read_pickle_tensors", never)
     assert read(folder).weights_file == first
 
 

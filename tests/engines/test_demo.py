@@ -21,19 +21,21 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import engines.demo as demo_module
+import engines.demo.models as demo_module
 from engines.catalog import AdapterPolicy, AdapterSpec, BaseSpec, Catalog
-from engines.demo import (
+from engines.demo.content import (
     DEMO_BASE_REPO_ID,
     DEMO_NO_TOOL,
     DEMO_QUESTIONS,
     DEMO_WEATHER_TOOL,
-    DemoModels,
-    build_into,
-    default_demo_dir,
     demo_tool_call_text,
     demo_weather_answer,
     demo_weather_questions,
+)
+from engines.demo.models import (
+    DemoModels,
+    build_into,
+    default_demo_dir,
     ensure_demo_models,
     shipped_demo_dir,
     shipped_demo_models,
@@ -52,7 +54,7 @@ TOOLS = [DEMO_WEATHER_TOOL]
 @pytest.fixture(scope="module")
 def demo() -> DemoModels:
     shipped = shipped_demo_models()
-    assert shipped is not None, "engines/demo_weights is missing or stale: python -m engines.demo --build"
+    assert shipped is not None, "engines/demo/weights is missing or stale: python -m engines.demo --build"
     return shipped
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from engines.detokenize import REPLACEMENT, IncrementalDecoder, StopStringFilter
-from engines.tiny import build_byte_tokenizer
+from engines.testing.tiny import build_byte_tokenizer
 
 CHINESE = "世界上最大的动物是蓝鲸。"
 ENGLISH = "The largest animal in the world is the blue whale."

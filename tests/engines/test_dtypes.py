@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from engines.catalog import AdapterPolicy, AdapterSpec, BaseSpec, Catalog
-from engines.demo import DEMO_QUESTIONS, ensure_demo_models
+from engines.demo.content import DEMO_QUESTIONS
+from engines.demo.models import ensure_demo_models
 from engines.engine import Engine, EngineLimits
 from engines.generation import ChatMessage
 from engines.sampling import SamplingParams

@@ -9,7 +9,7 @@ import pytest
 from engines.errors import InvalidGenerationRequest
 from engines.grammar import Constraint, GrammarCache
 from engines.sampling import Sampler, SamplingParams
-from engines.tiny import build_byte_tokenizer
+from engines.testing.tiny import build_byte_tokenizer
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
 

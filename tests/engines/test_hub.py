@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from engines import hub as hub_module
-from engines.adapters import AdapterRef, fetch_adapter, read_adapter_files
+from engines.adapters.files import AdapterRef, fetch_adapter, read_adapter_files
 from engines.catalog import AdapterPolicy
 from engines.errors import AdapterAccessDenied, EngineError, ModelNotFound, UpstreamUnavailable
 from tests.hub_server import HubServer, use_hub_server

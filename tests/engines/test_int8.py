@@ -16,11 +16,11 @@ import torch
 
 import engines.devices
 from engines.catalog import BaseSpec
-from engines.int8 import Int8Embedding, Int8Linear, int8_matmul, quantize_rows_into
-from engines.lean_decode import LeanDecoder
+from engines.forward.int8 import Int8Embedding, Int8Linear, int8_matmul, quantize_rows_into
+from engines.forward.kernels import NativeKernels
+from engines.forward.lean import LeanDecoder
 from engines.loader import LoadedModel, load_base, plan_base_load, tensor_bytes
-from engines.native import NativeKernels
-from engines.tiny import TinyShape, save_tiny_adapter, save_tiny_base
+from engines.testing.tiny import TinyShape, save_tiny_adapter, save_tiny_base
 from tests.conftest import TinyModels
 
 #: Logits may differ from the dequantized float32 reference by this share of their largest magnitude.
@@ -123,7 +123,7 @@ def test_int8_logits_match_the_dequantized_float_model(tiny_models: TinyModels) 
 def test_lean_step_on_int8_matches_the_transformers_forward(tiny_models: TinyModels) -> None:
     from transformers import DynamicCache
 
-    from engines.kvcache import BatchKVCache
+    from engines.forward.kvcache import BatchKVCache
 
     loaded = _int8_base(tiny_models.base)
     model = loaded.model
@@ -178,8 +178,8 @@ def test_fallback_load_quantizes_a_pickle_checkpoint(tmp_path: Path) -> None:
 def test_unmerged_adapter_on_int8_matches_peft_on_the_dequantized_base(tmp_path: Path) -> None:
     from peft import PeftModel
 
-    from engines.multilora import load_lora_weights, multilora_for
-    from engines.scheduler import adapter_rows
+    from engines.forward.multilora import load_lora_weights, multilora_for
+    from engines.forward.run import adapter_rows
 
     base_folder = save_tiny_base(tmp_path / "base", TinyShape(num_hidden_layers=3))
     adapter = save_tiny_adapter(
@@ -292,7 +292,7 @@ def test_rows_on_different_adapters_share_an_int8_batch_and_answer_as_alone(tiny
 def test_qkv_biases_stay_float_beside_int8_weights(tmp_path: Path) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from engines.tiny import build_byte_tokenizer
+    from engines.testing.tiny import build_byte_tokenizer
     from tests.engines.test_lean_decode import SHAPE, build
 
     folder = tmp_path / "qwen2"

@@ -19,12 +19,13 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from engines.devices import ONEDNN_MIN_ROWS_BF16, decode_kernels
-from engines.kvcache import BatchKVCache
-from engines.lean_decode import LeanDecoder, fuse_projections, rotation_matrices, unsupported_reason
+from engines.forward.kvcache import BatchKVCache
+from engines.forward.layout import fuse_projections, unsupported_reason
+from engines.forward.lean import LeanDecoder, rotation_matrices
+from engines.forward.multilora import LoraWeights, multilora_for
+from engines.forward.run import ONEDNN_MIN_ROWS_BF16, decode_kernels
 from engines.loader import tensor_bytes
-from engines.multilora import LoraWeights, multilora_for
-from engines.tiny import TinyShape
+from engines.testing.tiny import TinyShape
 
 SHAPE: dict[str, Any] = {**asdict(TinyShape()), "vocab_size": 97}
 
@@ -232,7 +233,7 @@ def test_a_layer_whose_weight_was_replaced_falls_back_to_separate_projections() 
 
 
 def test_float32_products_use_onednn_where_the_build_has_it() -> None:
-    from engines.lean_decode import ONEDNN_FLOAT32, dense_linear
+    from engines.forward.lean import ONEDNN_FLOAT32, dense_linear
 
     assert torch.backends.mkldnn.is_available() == ONEDNN_FLOAT32
     x, weight, bias = torch.randn(8, 1, 64), torch.randn(96, 64), torch.randn(96)

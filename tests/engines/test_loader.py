@@ -10,11 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engines.adapters import AdapterFiles, AdapterRef, read_adapter_files
+from engines.adapters.files import AdapterFiles, AdapterRef, read_adapter_files
+from engines.adapters.variants import build_variant
 from engines.catalog import AdapterPolicy, BaseSpec
 from engines.errors import AdapterRejected, ModelLoadFailed
-from engines.loader import LoadedModel, build_variant, load_base, tensor_bytes
-from engines.tiny import build_byte_tokenizer, save_tiny_adapter
+from engines.loader import LoadedModel, load_base, tensor_bytes
+from engines.testing.tiny import build_byte_tokenizer, save_tiny_adapter
 from tests.conftest import TinyModels
 
 PROMPT = "Hello, 世界! The blue whale"

@@ -16,15 +16,16 @@ from pathlib import Path
 import pytest
 
 import engines.devices
+from engines.adapters.variants import estimate_merge_bytes
 from engines.catalog import AdapterPolicy, AdapterSpec, BaseSpec, Catalog
 from engines.engine import Engine, EngineLimits
 from engines.errors import InsufficientMemory
-from engines.loader import BasePlan, LoadedModel, estimate_merge_bytes, load_base, plan_base_load
+from engines.loader import BasePlan, LoadedModel, load_base, plan_base_load
 from engines.memory import MemoryBudget, MemoryBudgets
 from engines.names import ModelName
 from engines.pool import ModelPool
 from engines.sampling import SamplingParams
-from engines.shaped import LlamaShape, write_llama_checkpoint, write_pickle_lora
+from engines.testing.shaped import LlamaShape, write_llama_checkpoint, write_pickle_lora
 from tests.conftest import TinyModels
 from tests.engines.test_scheduler import PROMPTS, generate
 
@@ -127,8 +128,8 @@ def test_a_merged_copy_that_does_not_fit_is_served_unmerged_with_the_same_logits
         lease.release()
         return loaded, logits
 
-    from engines.shaped import LLAMA_PROJECTIONS
-    from engines.tiny import save_tiny_adapter
+    from engines.testing.shaped import LLAMA_PROJECTIONS
+    from engines.testing.tiny import save_tiny_adapter
 
     # Every projection: the merged copy is most of the model, as FlagAlpha's adapter is on Llama-2-7B.
     everywhere = save_tiny_adapter(
@@ -152,7 +153,7 @@ def test_a_merged_copy_that_does_not_fit_is_served_unmerged_with_the_same_logits
 
 
 def estimate_merge_bytes_for(pool: ModelPool, adapter: Path) -> int:
-    from engines.adapters import AdapterRef, read_adapter_files
+    from engines.adapters.files import AdapterRef, read_adapter_files
 
     base = next(e.loaded for e in pool.entries() if e.base_key is None)
     ref = AdapterRef(kind="local", source=str(adapter))

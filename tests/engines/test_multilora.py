@@ -118,7 +118,7 @@ def test_auto_mode_promotes_a_busy_adapter_to_a_merged_variant(
 
 
 def test_unsupported_adapter_falls_back_to_merging(tiny_models: TinyModels) -> None:
-    from engines.multilora import unsupported_reason
+    from engines.forward.multilora import unsupported_reason
 
     assert unsupported_reason({"modules_to_save": ["lm_head"]})
     assert unsupported_reason({"bias": "all"})

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from engines.int8 import dequantize, int8_matmul
-from engines.native import DENSE_MAX_ROWS, SWITCH, NativeKernels, build
+from engines.forward.int8 import dequantize, int8_matmul
+from engines.forward.kernels import DENSE_MAX_ROWS, SWITCH, NativeKernels, build
 
 needs_compiler = pytest.mark.skipif(
     shutil.which("cc") is None or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
@@ -139,7 +139,8 @@ def test_the_lean_step_multiplies_through_the_native_kernels(
     This is the separate-call step (the whole-step call, tested in test_native_step, is turned off),
     which serves where that one does not apply.
     """
-    from engines.lean_decode import LeanDecoder, fuse_projections
+    from engines.forward.layout import fuse_projections
+    from engines.forward.lean import LeanDecoder
     from tests.engines.test_lean_decode import PROMPTS, assert_steps_match, llama
 
     calls = {"dense": 0, "rms_norm": 0, "attention": 0, "rotary_kv": 0, "silu_mul": 0}
@@ -259,7 +260,7 @@ def test_native_products_add_the_residual_and_silu_mul_gates_like_transformers(f
 @needs_compiler
 def test_a_fused_bf16_model_keeps_torchs_kernels_beside_the_float32_ones(fresh_kernel: None) -> None:
     """The kernels take float32 only: a bf16 model's fused products must never reach them."""
-    from engines.lean_decode import fuse_projections
+    from engines.forward.layout import fuse_projections
     from tests.engines.test_lean_decode import PROMPTS, assert_steps_match, llama
 
     assert NativeKernels.load() is not None

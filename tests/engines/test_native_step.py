@@ -9,11 +9,12 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from engines.catalog import BaseSpec
-from engines.lean_decode import LeanDecoder, fuse_projections
+from engines.forward.compiled import LoraStack, StepAdapters, StepPlan
+from engines.forward.kernels import DENSE_MAX_ROWS, NativeKernels
+from engines.forward.layout import fuse_projections
+from engines.forward.lean import LeanDecoder
+from engines.forward.multilora import LoraWeights, multilora_for
 from engines.loader import load_base
-from engines.multilora import LoraWeights, multilora_for
-from engines.native import DENSE_MAX_ROWS, NativeKernels
-from engines.native_step import LoraStack, StepAdapters, StepPlan
 from tests.conftest import TinyModels
 from tests.engines.test_lean_decode import PROMPTS, assert_steps_match, build, filled_cache, lean_step, llama
 from tests.engines.test_native import needs_compiler

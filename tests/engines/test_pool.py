@@ -173,8 +173,9 @@ def test_model_larger_than_the_budget_is_refused_before_loading(tiny_models: Tin
 
 
 def test_variant_estimate_matches_what_the_merge_allocates(tiny_models: TinyModels) -> None:
-    from engines.adapters import AdapterRef, read_adapter_files
-    from engines.loader import build_variant, estimate_merge_bytes, plan_base_load, targeted_linears
+    from engines.adapters.files import AdapterRef, read_adapter_files
+    from engines.adapters.variants import build_variant, estimate_merge_bytes, targeted_linears
+    from engines.loader import plan_base_load
 
     spec = catalog(tiny_models).bases[0]
     base = load_base(spec)
@@ -219,7 +220,7 @@ def test_loads_and_merges_run_on_threads_that_end_with_them(
 
 @pytest.fixture(scope="module")
 def seven_adapters(tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    from engines.tiny import save_tiny_adapter
+    from engines.testing.tiny import save_tiny_adapter
 
     root = tmp_path_factory.mktemp("seven")
     for index in range(7):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from engines.generation import ChatMessage
 from engines.prompts import render_chat
-from engines.tiny import build_byte_tokenizer
+from engines.testing.tiny import build_byte_tokenizer
 from tests.e2e.test_structured import HERMES_TEMPLATE, WEATHER
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from engines.catalog import AdapterPolicy, AdapterSpec, BaseSpec, Catalog
 from engines.engine import Engine, EngineLimits
-from engines.lean_decode import LeanDecoder
+from engines.forward.lean import LeanDecoder
 from engines.prompts import encode_text
 from engines.sampling import SamplingParams
 from tests.conftest import TinyModels
@@ -261,7 +261,7 @@ def test_no_step_reads_a_kv_cell_before_it_is_written(
     after rows join with longer prompts, growth, rows leaving) would turn an answer into garbage."""
     import torch
 
-    from engines.kvcache import BatchKVCache
+    from engines.forward.kvcache import BatchKVCache
 
     def alone_then_together() -> tuple[list[str], list[str]]:
         engine = Engine(tiny_catalog(tiny_models), EngineLimits(max_batch=8, lean_decode=lean))

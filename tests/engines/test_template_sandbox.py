@@ -8,7 +8,7 @@ import pytest
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from engines.template_sandbox import RenderLimits, TemplateLimitExceeded, render_template
-from engines.tiny import CHAT_TEMPLATE
+from engines.testing.tiny import CHAT_TEMPLATE
 
 LIMITS = RenderLimits(seconds=1.0, max_chars=100_000)
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi there"}]

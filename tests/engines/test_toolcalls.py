@@ -133,7 +133,7 @@ def test_call_grammars_accept_exactly_calls_to_the_offered_functions() -> None:
     import llguidance
     import llguidance.hf
 
-    from engines.tiny import build_byte_tokenizer
+    from engines.testing.tiny import build_byte_tokenizer
 
     tokenizer = build_byte_tokenizer()
     lltok = llguidance.hf.from_tokenizer(tokenizer)

@@ -9,10 +9,10 @@ from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from gateway.errors import APIError
-from gateway.responses import skeleton
-from gateway.responses_input import to_chat
-from gateway.responses_output import ResponseTranslator, completion_as_chunk
-from gateway.responses_protocol import ResponsesRequest
+from gateway.responses.input import to_chat
+from gateway.responses.output import ResponseTranslator, completion_as_chunk
+from gateway.responses.protocol import ResponsesRequest
+from gateway.responses.route import skeleton
 
 EVENT = TypeAdapter(ResponseStreamEvent)
 

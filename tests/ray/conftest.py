@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from gateway.ray_loopback import HOOK as LOOPBACK_HOOK
-from gateway.ray_serve import LOOPBACK_ENV, ROUTER_ENV, local_import_path
+from gateway.cluster.deploy import LOOPBACK_ENV, ROUTER_ENV, local_import_path
+from gateway.cluster.loopback import HOOK as LOOPBACK_HOOK
 from gateway.settings import (
     AdapterSettings,
     ClusterSettings,
@@ -52,7 +52,7 @@ class RayGateway:
 @pytest.fixture(scope="module")
 def ray_settings(tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """The tiny base and four adapters that change its output, two engine replicas."""
-    from engines.tiny import save_tiny_adapter
+    from engines.testing.tiny import save_tiny_adapter
 
     folder = tmp_path_factory.mktemp("ray-adapters")
     adapters = {
@@ -88,7 +88,7 @@ def ray_gateway(ray_settings: Settings) -> Iterator[RayGateway]:
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from gateway.ray_serve import deploy, undeploy
+    from gateway.cluster.deploy import deploy, undeploy
 
     # A short private temp dir (Ray's socket paths must stay short), also for the address file Ray
     # writes under $RAY_TMPDIR/ray, so nothing lands in the shared /tmp/ray.

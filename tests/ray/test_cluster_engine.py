@@ -11,7 +11,7 @@ import pytest
 from engines.errors import ModelNotFound
 from engines.generation import GenerationEvent, GenerationRequest
 from engines.ray_replica import ModelFacts, ReplicaUnavailable
-from gateway.ray_serve import ClusterEngine
+from gateway.cluster.engine import ClusterEngine
 from gateway.settings import ModelSettings, Settings
 
 ray_exceptions = pytest.importorskip("ray.exceptions", reason="ray is not installed")
@@ -122,7 +122,7 @@ def test_a_replica_lost_before_its_first_event_is_replaced_by_a_resend() -> None
 
 
 def test_the_replica_name_may_come_with_the_first_event_in_one_item() -> None:
-    from gateway.ray_serve import CURRENT_REPLICA, ReplicaNote
+    from gateway.cluster.header import CURRENT_REPLICA, ReplicaNote
 
     handle = FakeHandle([[("named", ("r1", PARTIAL)), ("event", DONE)]])
     note = ReplicaNote()

@@ -83,11 +83,11 @@ def test_directory_forgets_replicas_that_stopped_reporting() -> None:
 
 def test_serve_with_ray_address_deploys_on_ray(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("ray", reason="ray is not installed: pip install 'peft-gateway[ray]'")
-    import gateway.ray_serve
+    import gateway.cluster.deploy
 
     calls: list[Any] = []
     monkeypatch.setattr(
-        gateway.ray_serve, "serve_on_ray", lambda settings, address: calls.append(address) or 0
+        gateway.cluster.deploy, "serve_on_ray", lambda settings, address: calls.append(address) or 0
     )
     assert cli.main(["serve", "--config", str(write_config(tmp_path, "")), "--ray", "local"]) == 0
     config = write_config(tmp_path, '[cluster]\nray_address = "ray://head:10001"\n')
@@ -104,7 +104,7 @@ def test_serve_with_ray_but_without_ray_installed_says_what_to_install(
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a)
     )
-    monkeypatch.setitem(sys.modules, "gateway.ray_serve", None)
+    monkeypatch.setitem(sys.modules, "gateway.cluster.deploy", None)
     code = cli.main(["serve", "--config", str(write_config(tmp_path, "")), "--ray", "local"])
     assert code == cli.EXIT_USAGE
     assert "peft-gateway[ray]" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from gateway.ray_serve import CURRENT_REPLICA, REPLICA_HEADER, ReplicaHeader
+from gateway.cluster.header import CURRENT_REPLICA, REPLICA_HEADER, ReplicaHeader
 
 
 async def streamed(request: Request) -> Response:

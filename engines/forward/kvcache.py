@@ -97,8 +97,10 @@ class BatchKVCache(Cache):
         )
 
     def _empty(self, rows: int, columns: int) -> torch.Tensor:
-        """Uninitialised: zeroing touches every page of a buffer mostly never read (on a CPU, a small
-        model's first cache took 7 ms of each lone request's time to first token, mostly page faults).
+        """Uninitialised: zeroing touches every page of a buffer mostly never read.
+
+        On a CPU, zeroing a small model's first cache cost each lone request milliseconds of its time to
+        first token, mostly page faults (figures in bench/README.md).
 
         Nothing reads a cell before it is written: attention covers rows ``[0, rows)`` and columns
         ``[0, length)``, and each such cell holds a row's K/V (``add_row``, every step's column) or

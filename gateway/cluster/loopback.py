@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-HOOK = "gateway.ray_loopback.keep_serve_grpc_on_loopback"
+HOOK = "gateway.cluster.loopback.keep_serve_grpc_on_loopback"
 
 
 def keep_serve_grpc_on_loopback() -> None:

@@ -14,11 +14,13 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from engines import hub
-from engines.adapter_config import load_adapter_config
+from engines.adapters.config import load_adapter_config
+from engines.adapters.pickle_weights import safetensors_copy
 from engines.catalog import AdapterPolicy, AdapterSpec, BaseSpec, Catalog
+from engines.checkpoint import CheckpointError, read_header
 from engines.errors import AdapterRejected, InvalidModelName, ModelNotFound
+from engines.forward.multilora import declared_rank
 from engines.names import is_hub_id, looks_like_path
-from engines.pickle_weights import safetensors_copy
 
 log = logging.getLogger("peft_gateway.adapters")
 
@@ -196,9 +198,6 @@ def check_tensor_ranks(files: AdapterFiles, policy: AdapterPolicy) -> None:
     A config saying ``r = 8`` over rank-4096 matrices would otherwise pass every check, and unmerged
     serving pads every adapter of a base to the largest rank it holds.
     """
-    from engines.multilora import declared_rank
-    from engines.weights import CheckpointError, read_header
-
     try:
         tensors = read_header(files.weights_file)
     except (OSError, CheckpointError) as exc:

@@ -4,7 +4,7 @@
  * the K/V column write, and attention of one new token per row over the batch cache; unmerged adapters'
  * low-rank terms; and decode_step_f32, which runs all of them for a whole step in one call.
  *
- * Built at first use by engines/native.py with the machine's C compiler (cc -O3 -mavx2 -mfma -fopenmp),
+ * Built at first use by engines/forward/kernels.py with the machine's C compiler (cc -O3 -mavx2 -mfma -fopenmp),
  * loaded with ctypes; without a compiler the gateway keeps torch's kernels. Why, measured on a 2-core
  * AVX2 EPYC without native bf16, whose memory streams about 15 GB/s: on a small model's 576-column
  * matrices torch's int8 kernel (_weight_int8pack_mm, bf16 activations) streams 2-6 GB/s and oneDNN's
@@ -255,7 +255,7 @@ typedef struct {
 } step_lora;
 
 /* out[r, n] += b[slot, n] . (a[slot] @ x[r]) for each row r whose slot (slots[r]) is not 0: the term
- * engines/multilora.py's hook adds, inside the region: t = a[slot] @ x[r] (rows * rank floats), then
+ * engines/forward/multilora.py's hook adds, inside the region: t = a[slot] @ x[r] (rows * rank floats), then
  * out, each step's work shared out among the threads (reading a and b is most of it: an adapter on all
  * seven projections is as many bytes as 10% of a small int8 model's weights). */
 static void lora_add(const lora_pair *p, const long *slots, const float *x, long x_stride, long K, float *out,

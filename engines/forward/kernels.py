@@ -1,12 +1,12 @@
-"""The decode step's matrix products in ``engines/native/gemm.c``, built with the machine's C compiler.
+"""The decode step's matrix products in ``engines/forward/gemm.c``, built with the machine's C compiler.
 
 On a CPU, a decode step's time is its matrix products streaming the weights, and torch's kernels leave
 much of the memory's speed unused on the small matrices a step is made of (measured on a 2-core AVX2
-EPYC whose memory streams ~15 GB/s): its weight-only int8 kernel (``_weight_int8pack_mm``) streams 2-6
-GB/s on 576-column matrices and rounds activations to bf16; oneDNN's float32 product streams 4-13 GB/s
-at one row and 3-5 at eight. The C kernels read each output channel's weights front to back (int8
-converted to float32 in registers) and accumulate in float32: 1.3-2.8x faster on those matrices, and
-int8 products ~1e-7 from the dequantized product instead of ~3e-3.
+EPYC; figures in bench/README.md): its weight-only int8 kernel (``_weight_int8pack_mm``) streams a
+fraction of it on 576-column matrices and rounds activations to bf16, and oneDNN's float32 product
+falls short too, further at eight rows than at one. The C kernels read each output channel's weights
+front to back (int8 converted to float32 in registers) and accumulate in float32: faster on those
+matrices, and int8 products ~1e-7 from the dequantized product instead of ~3e-3.
 
 Building needs only ``cc`` (``$CC``) with AVX2/FMA/OpenMP: about a second, once per machine, into
 ``<cache home>/native`` (a file named by the source's and flags' hash, written atomically so concurrent
@@ -14,7 +14,7 @@ processes never load a half-written library). Anything that fails (no compiler, 
 read-only cache, ``PEFT_GATEWAY_NATIVE_KERNELS=0``) leaves ``NativeKernels.load`` returning ``None``,
 logged once, and torch's kernels serve: the same answers, to bf16 rounding for int8.
 
-The whole-step entry point (``decode_step_f32``) is bound here and driven by ``engines.native_step``.
+The whole-step entry point (``decode_step_f32``) is bound here and driven by ``engines.forward.compiled``.
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ from engines.paths import cache_home
 
 log = logging.getLogger("peft_gateway.native")
 
-SOURCE = Path(__file__).resolve().parent / "native" / "gemm.c"
+SOURCE = Path(__file__).resolve().parent / "gemm.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 LIBRARIES = ("-lm",)
 #: Set to ``0`` to keep torch's kernels (comparisons, or a machine where the build misbehaves).
 SWITCH = "PEFT_GATEWAY_NATIVE_KERNELS"
 #: float32 products with more rows than this stay with oneDNN, which catches up from about 32 rows
-#: (measured at 16: 1.3-1.9x for the compiled kernel; at 32: 0.9-1.3x). int8 products have no limit:
+#: (the compiled kernel still won at 16; figures in bench/README.md). int8 products have no limit:
 #: the compiled kernel beat torch's from 1 to 256 rows.
 DENSE_MAX_ROWS = 16
 
@@ -116,7 +116,7 @@ class NativeKernels:
             *(pointer, size, pointer, pointer, pointer, pointer, pointer),
             *(size, size, size, size, size, size, size),
         )
-        # The whole step (engines.native_step builds its operands): table, layers, K/V addresses, final
+        # The whole step (engines.forward.compiled builds its operands): table, layers, K/V addresses, final
         # norm, LM head and its scales, sizes, x, cos, sin, starts, work, logits, adapter table, slots,
         # adapter scratch, threads.
         self.decode_step = _bind(library, "decode_step_f32", pointer, size, *[pointer] * 15, count)

@@ -102,7 +102,7 @@ def write_llama_checkpoint(
     import torch
     from safetensors.torch import save_file
 
-    from engines.tiny import build_byte_tokenizer
+    from engines.testing.tiny import build_byte_tokenizer
 
     torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
     element = torch.tensor([], dtype=torch_dtype).element_size()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.errors import APIError
-from gateway.responses_protocol import (
+from gateway.responses.protocol import (
     FunctionCallItem,
     FunctionCallOutputItem,
     MessageItem,

@@ -24,9 +24,9 @@ from engines.errors import EngineError
 from gateway.chat import chat_completions
 from gateway.errors import APIError, from_engine
 from gateway.requests import parse_body
-from gateway.responses_input import refuse_unsupported, to_chat
-from gateway.responses_output import ResponseTranslator, completion_as_chunk, new_id
-from gateway.responses_protocol import ResponsesRequest
+from gateway.responses.input import refuse_unsupported, to_chat
+from gateway.responses.output import ResponseTranslator, completion_as_chunk, new_id
+from gateway.responses.protocol import ResponsesRequest
 from gateway.streaming import SSE_HEADERS
 
 

@@ -1,10 +1,10 @@
 """The whole float32 decode step of a Llama-family model as one call of compiled code (``decode_step_f32``).
 
-The lean step's kernels (``engines.native``) left the interpreter between them as the largest cost
-they did not cover: measured on a 2-core EPYC, a small int8 model's one-row step took 24.7 ms of which
-the kernels were 18.2; the rest was Python, argument conversion and a thread-pool start per call, about
-200 us for each of 30 layers. This runs the same kernels in the same order in one parallel region, so
-the logits are the ones the separate calls give, bit for bit.
+The lean step's kernels (``engines.forward.kernels``) left the interpreter between them as the largest cost
+they did not cover: on a 2-core EPYC, a large share of a small int8 model's one-row step was Python,
+argument conversion and a thread-pool start per call, in every layer (figures in bench/README.md). This
+runs the same kernels in the same order in one parallel region, so the logits are the ones the separate
+calls give, bit for bit.
 
 ``StepPlan`` is built once per model (every weight's address, checked once: dtypes, shapes, contiguity)
 and holds references to the tensors, so the addresses stay valid for as long as the plan lives.
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engines.native import DENSE_MAX_ROWS, NativeKernels, check_starts, is_float32_on_cpu
+from engines.forward.kernels import DENSE_MAX_ROWS, NativeKernels, check_starts, is_float32_on_cpu
 
 _LAYER_FIELDS = (
     "input_norm",

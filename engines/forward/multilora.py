@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
+from engines.checkpoint import read_header
 from engines.errors import AdapterRejected
-from engines.int8 import Int8Linear, compute_dtype_of, device_of
+from engines.forward.int8 import Int8Linear, compute_dtype_of, device_of
 
 log = logging.getLogger("peft_gateway.multilora")
 
@@ -156,7 +157,6 @@ class MultiLora:
 
     def added_bytes(self, config: dict[str, Any], weights_file: Path) -> int:
         """How much registering this adapter would grow the stacks (its slot, and any re-padding)."""
-        from engines.weights import read_header
 
         ranks: dict[str, int] = {}
         for key, stored in read_header(weights_file).items():

@@ -9,13 +9,13 @@ float32), the projections (q/k/v and gate/up fused into one product each), the r
 every query and key head as one batched product with a per-row rotation matrix, an in-place write of
 the new K/V column into ``BatchKVCache`` and one ``scaled_dot_product_attention`` with grouped KV heads.
 
-In float32 on a CPU where ``engines.native`` could build its kernels, the whole step is one call of
-compiled code (``engines.native_step``: products of up to 16 rows, norms, rotary embedding with the K/V
+In float32 on a CPU where ``engines.forward.kernels`` could build its kernels, the whole step is one call of
+compiled code (``engines.forward.compiled``: products of up to 16 rows, norms, rotary embedding with the K/V
 write, attention, the SiLU gate and unmerged adapter rows' terms), where its weights allow
 (``StepPlan.build``); otherwise each of those is one compiled call from the loop below. On a 2-core
 CPU every small torch operator after a weight-streaming product pays for the caches the product
 evicted, torch's products stream well below the memory's speed at few rows, and the interpreter
-between the calls was a quarter of a small int8 model's step.
+between the calls was a large share of a small int8 model's step (figures in bench/README.md).
 
 It covers the architectures whose decoder layer is exactly that (``ARCHITECTURES``); anything else,
 or any layer that is neither a plain ``nn.Linear`` nor the engine's ``Int8Linear`` (bitsandbytes-
@@ -32,11 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engines.int8 import Int8Linear, int8_linear
-from engines.kvcache import BatchKVCache
-from engines.multilora import LoraHook
-from engines.native import NativeKernels
-from engines.native_step import (
+from engines.forward.compiled import (
     LORA_PROJECTIONS,
     LayerWeights,
     LoraStack,
@@ -45,12 +41,13 @@ from engines.native_step import (
     StepPlan,
     StepSizes,
 )
+from engines.forward.int8 import Int8Linear, int8_linear
+from engines.forward.kernels import NativeKernels
+from engines.forward.kvcache import BatchKVCache
+from engines.forward.layout import FusedWeights, Projection, fused_weights, unsupported_reason
+from engines.forward.multilora import LoraHook
 
 log = logging.getLogger("peft_gateway.lean_decode")
-
-#: ``model_type`` values whose decoder layer this step reproduces exactly (RMSNorm, rotary embedding,
-#: grouped-query attention, SiLU-gated MLP, optional q/k/v biases).
-ARCHITECTURES = frozenset({"llama", "mistral", "qwen2"})
 
 
 def _onednn_float32_available() -> bool:
@@ -64,16 +61,16 @@ def _onednn_float32_available() -> bool:
 
 
 #: float32 products on CPU go through oneDNN, with the model's own (plain, unpacked) weights: MKL's
-#: sgemm, which ``F.linear`` uses, is 2.5-4x slower for a few rows on some CPUs (on a 2-core AMD EPYC:
-#: a 49152x576 LM head at 8 rows 35.9 against 14.0 ms, a 22016x4096 projection 137 against 34 ms; one
-#: row 14.3 against 7.9 ms). Same precision, summed in another order (differences ~1e-6 relative).
+#: sgemm, which ``F.linear`` uses, is several times slower for a few rows on some CPUs (measured on a
+#: 2-core AMD EPYC; figures in bench/README.md). Same precision, summed in another order (differences
+#: ~1e-6 relative).
 ONEDNN_FLOAT32 = _onednn_float32_available()
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A float (not int8) projection of the step's ``[rows, hidden]`` activations.
 
-    float32 on CPU: the compiled kernel (``engines.native``) for up to 16 rows, else oneDNN.
+    float32 on CPU: the compiled kernel (``engines.forward.kernels``) for up to 16 rows, else oneDNN.
     """
     kernels = NativeKernels.load()
     if kernels is not None and kernels.takes_dense(x, weight):
@@ -85,18 +82,8 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return F.linear(x, weight, bias)
 
 
-#: A projection the step multiplies itself: a plain linear layer or an int8 one.
-Projection = torch.nn.Linear | Int8Linear
-LINEAR_TYPES = (torch.nn.Linear, Int8Linear)
-
-
-@dataclass(frozen=True)
-class _Fused:
-    """Several projections' weights as one matrix (views of one buffer): one product for the group."""
-
-    weight: torch.Tensor  # float weights, or int8 values with ``scales``
-    bias: torch.Tensor | None
-    scales: torch.Tensor | None = None
+class _Fused(FusedWeights):
+    """A fused group's one product."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.scales is None:
@@ -121,10 +108,16 @@ class _Layer:
     gate_up: _Fused | None = None
 
 
+def _fused_view(layers: tuple[Projection, ...]) -> _Fused | None:
+    """The group's one product, where the layers' weights are consecutive slices of one buffer."""
+    fused = fused_weights(layers)
+    return _Fused(fused.weight, fused.bias, fused.scales) if fused is not None else None
+
+
 def _active_hooks(layer: Projection) -> list[Any]:
     """The layer's forward hooks that may change its output in this step.
 
-    Unmerged-adapter hooks (``engines.multilora``) that say they are idle for the layer are left out:
+    Unmerged-adapter hooks (``engines.forward.multilora``) that say they are idle for the layer are left out:
     no adapter row in the batch, or a merged variant's layer sharing the base's hook dict.
     """
     active = []
@@ -191,96 +184,11 @@ def _project_together(
     return [_with_hooks(layer, x, out) for layer, out in zip(layers, outputs, strict=True)]
 
 
-def projection_groups(model: Any) -> list[tuple[torch.nn.Linear, ...]]:
-    """Each layer's ``(q, k, v)`` and ``(gate, up)`` projections: the groups the lean step multiplies as one.
-
-    Empty where the lean step does not cover the model. The streaming loader allocates each group as one
-    buffer up front, so fusing costs no copy at load.
-    """
-    if unsupported_reason(model) is not None:
-        return []
-    groups: list[tuple[torch.nn.Linear, ...]] = []
-    for layer in model.model.layers:
-        attention, mlp = layer.self_attn, layer.mlp
-        groups.append((attention.q_proj, attention.k_proj, attention.v_proj))
-        groups.append((mlp.gate_proj, mlp.up_proj))
-    return groups
-
-
-def fuse_projections(model: Any) -> int:
-    """Store each layer's q/k/v and gate/up weights in one buffer and make the layers views of it.
-
-    Memory stays the same (the separate tensors are freed, one group at a time), transformers' forward
-    is unchanged, and the lean step can then run one matrix product where it ran three (or two): about
-    10% of a bf16 decode step at 2-8 rows. Groups that already share a buffer (the streaming loader
-    allocates them so) are left alone. Returns the number of layers whose projections are fused.
-    """
-    groups = projection_groups(model)
-    with torch.no_grad():
-        for group in groups:
-            if _fused_view(group) is None and all(type(layer) is torch.nn.Linear for layer in group):
-                _fuse_group(group)
-    return len(groups) // 2
-
-
-def _fuse_group(layers: tuple[torch.nn.Linear, ...]) -> None:
-    weight = torch.cat([layer.weight for layer in layers])
-    has_bias = [layer.bias is not None for layer in layers]
-    bias = torch.cat([layer.bias for layer in layers if layer.bias is not None]) if all(has_bias) else None
-    start = 0
-    for layer in layers:
-        end = start + layer.out_features
-        layer.weight = torch.nn.Parameter(weight[start:end], requires_grad=False)
-        if bias is not None:
-            layer.bias = torch.nn.Parameter(bias[start:end], requires_grad=False)
-        start = end
-
-
-def _fused_view(layers: tuple[Projection, ...]) -> _Fused | None:
-    """The one matrix the layers' weights (and biases) are consecutive slices of, if they are."""
-    scales = None
-    if all(isinstance(layer, Int8Linear) for layer in layers):
-        weights = _consecutive([layer.qweight for layer in layers])
-        scales = _consecutive([layer.scales for layer in layers])
-        if scales is None:
-            return None
-    elif all(type(layer) is torch.nn.Linear for layer in layers):
-        weights = _consecutive([layer.weight for layer in layers])
-    else:
-        return None
-    if weights is None:
-        return None
-    if all(layer.bias is None for layer in layers):
-        return _Fused(weights, None, scales)
-    if any(layer.bias is None for layer in layers):
-        return None
-    biases = _consecutive([layer.bias for layer in layers])
-    return _Fused(weights, biases, scales) if biases is not None else None
-
-
-def _consecutive(tensors: list[Any]) -> torch.Tensor | None:
-    first = tensors[0]
-    storage = first.untyped_storage().data_ptr()
-    offset = first.storage_offset()
-    for tensor in tensors:
-        if (
-            not tensor.is_contiguous()
-            or tensor.untyped_storage().data_ptr() != storage
-            or tensor.storage_offset() != offset
-            or tensor.dtype != first.dtype
-            or tensor.shape[1:] != first.shape[1:]
-        ):
-            return None
-        offset += tensor.numel()
-    rows = sum(int(tensor.shape[0]) for tensor in tensors)
-    return first.detach().as_strided((rows, *first.shape[1:]), first.stride())
-
-
 def _rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
     """transformers' LlamaRMSNorm: normalise in fp32, cast back, then scale in the model's dtype.
 
     In float32 that is exactly ``F.rms_norm``, one operator call instead of seven, or one call of the
-    compiled kernel (``engines.native``), which skips torch's dispatch of the seven.
+    compiled kernel (``engines.forward.kernels``), which skips torch's dispatch of the seven.
     """
     if x.dtype == torch.float32 and norm.weight.dtype == torch.float32:
         kernels = NativeKernels.load()
@@ -552,42 +460,3 @@ def _padding_mask(kv: BatchKVCache, columns: int, device: Any) -> torch.Tensor |
         return None
     starts = torch.tensor(kv.starts, device=device).view(-1, 1, 1, 1)
     return torch.arange(columns, device=device).view(1, 1, 1, -1) >= starts
-
-
-def unsupported_reason(model: Any) -> str | None:
-    """Why the lean step would not reproduce ``model``'s forward pass (``None`` when it would)."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        return f"architecture {model_type!r} is not one of {sorted(ARCHITECTURES)}"
-    activation = getattr(config, "hidden_act", "silu")
-    if activation != "silu":
-        return f"activation {activation!r}"
-    if int(getattr(config, "pretraining_tp", 1) or 1) != 1:
-        return "pretraining_tp > 1"
-    layer_types = getattr(config, "layer_types", None) or []
-    sliding = getattr(config, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types)
-    if sliding or (model_type == "mistral" and getattr(config, "sliding_window", None)):
-        return "sliding-window attention"
-    inner = getattr(model, "model", None)
-    for attribute in ("embed_tokens", "rotary_emb", "norm", "layers"):
-        if not hasattr(inner, attribute):
-            return f"no model.{attribute}"
-    if type(getattr(model, "lm_head", None)) not in LINEAR_TYPES:
-        return f"lm_head is a {type(model.lm_head).__name__}"
-    for layer in inner.layers:  # type: ignore[union-attr]
-        attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        projections = [getattr(attention, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        projections += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-        for projection in projections:
-            if type(projection) not in LINEAR_TYPES:
-                return f"a projection is a {type(projection).__name__}, not a plain or int8 linear layer"
-        for norm in (
-            getattr(layer, "input_layernorm", None),
-            getattr(layer, "post_attention_layernorm", None),
-        ):
-            if not type(norm).__name__.endswith("RMSNorm") or not hasattr(norm, "variance_epsilon"):
-                return f"a norm is a {type(norm).__name__}"
-    if not type(inner.norm).__name__.endswith("RMSNorm"):  # type: ignore[union-attr]
-        return f"the final norm is a {type(inner.norm).__name__}"  # type: ignore[union-attr]
-    return None

@@ -5,22 +5,22 @@ quarter of float32's and half of bf16's. Each output channel (row) keeps one sca
 ``W ~ q * scale[:, None]`` with ``scale = max|W_row| / 127``, and the product runs in torch's own
 ``_weight_int8pack_mm``, which reads the int8 matrix directly and never builds its dequantized copy.
 
-Why that kernel (measured on a 2-core AVX2 CPU without native bf16, 22016x4096 at 1 and 8 rows):
-torch's ``_weight_int8pack_mm`` with bf16 activations 8.1 and 29 ms; for comparison float32 weights
-take 15 and 34 ms through oneDNN (what the lean step uses for float32) and 28 and 168 ms through MKL;
-dequantize-then-``F.linear`` 448 and 574 ms, torchao ``Int8WeightOnlyConfig`` (eager) 144 and 208 ms,
-bitsandbytes' CPU ``Linear8bitLt`` 251 and 374 ms. The same kernel with float32 activations takes a
-scalar path (68 and 833 ms), so activations enter it as bf16 and its output is cast back to the model's
-dtype; fbgemm's dynamic int8 linear is faster still at 8 rows but quantizes the activations of the
-whole batch with one scale, so a row's answer would depend on the other requests in its batch.
+Why that kernel (measured on a 2-core AVX2 CPU without native bf16, a 22016x4096 matrix at 1 and 8
+rows; figures in bench/README.md): torch's ``_weight_int8pack_mm`` with bf16 activations beat float32
+weights through oneDNN (what the lean step uses for float32) and through MKL, and was many times faster
+than dequantize-then-``F.linear``, torchao ``Int8WeightOnlyConfig`` (eager) and bitsandbytes' CPU
+``Linear8bitLt``. The same kernel with float32 activations takes a much slower scalar path, so
+activations enter it as bf16 and its output is cast back to the model's dtype; fbgemm's dynamic int8
+linear is faster still at 8 rows but quantizes the activations of the whole batch with one scale, so a
+row's answer would depend on the other requests in its batch.
 
-On an x86 CPU with AVX2 and a C compiler, float32 activations go through ``engines.native``'s kernel
+On an x86 CPU with AVX2 and a C compiler, float32 activations go through ``engines.forward.kernels``'s kernel
 instead, built at first use: the same int8 weights, read channel by channel and accumulated in float32,
-1.3-2.8x faster than ``_weight_int8pack_mm`` on a small model's matrices and without its bf16 rounding
-of the activations (a 2-core EPYC's int8 decode step: 48-50 -> 23-29 ms at one row, 115 -> 69 ms at
-eight). torch's kernel stays the path everywhere else.
+faster than ``_weight_int8pack_mm`` on a small model's matrices (and so the whole int8 decode step, at
+one row and at eight) and without its bf16 rounding of the activations (figures in bench/README.md).
+torch's kernel stays the path everywhere else.
 
-Adapters are never merged into these weights: ``engines.multilora`` hooks add their low-rank terms to
+Adapters are never merged into these weights: ``engines.forward.multilora`` hooks add their low-rank terms to
 the int8 product, in the model's dtype.
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from engines.native import NativeKernels
+from engines.forward.kernels import NativeKernels
 
 #: Rows quantized at a time: a few float32 temporaries of 256 rows (34 MiB at 11008 columns), not the matrix.
 _CHUNK_ROWS = 256
@@ -55,7 +55,7 @@ def quantize_rows_into(weight: torch.Tensor, qweight: torch.Tensor, scales: torc
 def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """``x @ (qweight * scales[:, None]).T`` in ``x``'s dtype, never dequantizing the matrix.
 
-    float32 activations on an AVX2 CPU go through the compiled kernel (``engines.native``: float32
+    float32 activations on an AVX2 CPU go through the compiled kernel (``engines.forward.kernels``: float32
     all through); anything else through torch's kernel, with bf16 activations inside.
     """
     flat = x.dim() == 2  # the lean decode step's activations need no reshapes

@@ -13,13 +13,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
 from pydantic_core import PydanticCustomError
 
-from gateway.protocol import UnsupportedPart, _content_tag, _part_tag, _Request
+from gateway.protocol import StrictRequest, UnsupportedPart, content_tag, part_tag
 
 #: Input item types this gateway maps onto chat messages; any other type is refused by name.
 ITEM_TYPES = ("message", "function_call", "function_call_output")
 
 
-class InputText(_Request):
+class InputText(StrictRequest):
     """A text part: ``input_text`` in user turns, ``output_text`` in assistant turns sent back."""
 
     type: Literal["input_text", "output_text", "text"]
@@ -32,11 +32,11 @@ class InputText(_Request):
 
 InputPart = Annotated[
     Annotated[InputText, Tag("part:text")] | Annotated[UnsupportedPart, Tag("part:unsupported")],
-    Discriminator(_part_tag),
+    Discriminator(part_tag),
 ]
 InputContent = Annotated[
     Annotated[str, Tag("str")] | Annotated[list[InputPart], Tag("list[parts]")],
-    Discriminator(_content_tag),
+    Discriminator(content_tag),
 ]
 
 
@@ -46,7 +46,7 @@ def content_text(content: str | list[InputText | UnsupportedPart]) -> str:
     return "".join(part.text for part in content if isinstance(part, InputText))
 
 
-class MessageItem(_Request):
+class MessageItem(StrictRequest):
     """``{"role", "content"}`` (an "easy" message), or a full ``message`` item sent back as input."""
 
     type: Literal["message"] | None = None
@@ -57,7 +57,7 @@ class MessageItem(_Request):
     phase: Literal["commentary", "final_answer"] | None = None
 
 
-class FunctionCallItem(_Request):
+class FunctionCallItem(StrictRequest):
     """A call the model made in an earlier turn: an assistant message's ``tool_calls`` entry in chat."""
 
     type: Literal["function_call"]
@@ -68,7 +68,7 @@ class FunctionCallItem(_Request):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
 
-class FunctionCallOutputItem(_Request):
+class FunctionCallOutputItem(StrictRequest):
     """The caller's result for a call: a ``role: "tool"`` message in chat."""
 
     type: Literal["function_call_output"]
@@ -113,12 +113,12 @@ ResponseInput = Annotated[
 ]
 
 
-class TextConfig(_Request):
+class TextConfig(StrictRequest):
     format: dict[str, Any] | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
 
 
-class ResponsesRequest(_Request):
+class ResponsesRequest(StrictRequest):
     model: str = Field(min_length=1)
     input: ResponseInput
     instructions: str | None = None
