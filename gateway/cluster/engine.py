@@ -35,8 +35,6 @@ from engines.ray_replica import (
     ReplicaUnavailable,
     routing_key,
 )
-from engines.sampling import SamplingParams
-from engines.template_sandbox import DEFAULT_RENDER_LIMITS, RenderLimits
 from engines.vocabulary import CountsVocabulary
 from gateway.cluster.header import CURRENT_REPLICA
 from gateway.settings import Settings
@@ -202,53 +200,13 @@ class ClusterEngine:
         return facts, tokenizer
 
     def chat_request(
-        self,
-        lease: RemoteLease,
-        messages: list[ChatMessage],
-        *,
-        max_tokens: int | None,
-        sampling: SamplingParams,
-        stop: tuple[str, ...] = (),
-        request_id: str = "",
-        ignore_eos: bool = False,
-        tools: list[dict[str, Any]] | None = None,
-        limits: RenderLimits = DEFAULT_RENDER_LIMITS,
+        self, lease: RemoteLease, messages: list[ChatMessage], **options: Any
     ) -> GenerationRequest:
         """Rendered and tokenized here exactly as the in-process engine does (same code)."""
-        return self._engine_helpers.chat_request(
-            cast(Lease, lease),
-            messages,
-            max_tokens=max_tokens,
-            sampling=sampling,
-            stop=stop,
-            request_id=request_id,
-            ignore_eos=ignore_eos,
-            tools=tools,
-            limits=limits,
-        )
+        return self._engine_helpers.chat_request(cast(Lease, lease), messages, **options)
 
-    def text_request(
-        self,
-        lease: RemoteLease,
-        prompt: str | list[int],
-        *,
-        max_tokens: int | None,
-        sampling: SamplingParams,
-        stop: tuple[str, ...] = (),
-        request_id: str = "",
-        ignore_eos: bool = False,
-        prompt_logprobs: int | None = None,
-    ) -> GenerationRequest:
-        return self._engine_helpers.text_request(
-            cast(Lease, lease),
-            prompt,
-            max_tokens=max_tokens,
-            sampling=sampling,
-            stop=stop,
-            request_id=request_id,
-            ignore_eos=ignore_eos,
-            prompt_logprobs=prompt_logprobs,
-        )
+    def text_request(self, lease: RemoteLease, prompt: str | list[int], **options: Any) -> GenerationRequest:
+        return self._engine_helpers.text_request(cast(Lease, lease), prompt, **options)
 
     async def compile_grammar(self, lease: RemoteLease, constraint: Constraint) -> CompiledGrammar:
         """Compiled here against the model's tokenizer, so a bad schema is a 400 before anything is sent;
