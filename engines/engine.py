@@ -15,12 +15,12 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from engines.adapters.files import same_model
+from engines.adapters.files import CachedAdapter, cached_adapters, same_model
 from engines.catalog import Catalog
 from engines.errors import ContextLengthExceeded, EngineError, InvalidGenerationRequest
 from engines.generation import ChatMessage, GenerationEvent, GenerationRequest
 from engines.grammar import CompiledGrammar, Constraint, GrammarCache
-from engines.hub import CachedAdapter, HubFetcher, cached_adapters
+from engines.hub import HubFetcher
 from engines.kv_budget import batch_bound, kv_bytes_per_token
 from engines.memory import MemoryBudgets
 from engines.names import ModelName

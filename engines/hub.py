@@ -34,14 +34,11 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from engines.adapters.config import load_adapter_config
 from engines.errors import (
     AdapterAccessDenied,
-    AdapterRejected,
     EngineError,
     FetchCancelled,
     ModelNotFound,
@@ -587,43 +584,3 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
         if isinstance(cls, type) and issubclass(cls, BaseException):
             classes.append(cls)
     return tuple(classes)
-
-
-@dataclass(frozen=True)
-class CachedAdapter:
-    """A LoRA adapter already in the local HF cache, usable offline."""
-
-    repo_id: str
-    folder: Path
-    base_model: str | None
-
-
-def cached_adapters(cache_dir: str | Path | None = None) -> list[CachedAdapter]:
-    """Adapters found in the HF cache (one entry per repo: its newest snapshot), without any network.
-
-    One bad folder (a config that is hostile, unreadable, or a link whose blob is gone) is skipped and
-    logged: it must never make the whole listing fail.
-    """
-    from huggingface_hub import constants
-
-    root = Path(cache_dir or constants.HF_HUB_CACHE)
-    candidates: list[tuple[float, Path]] = []
-    for config in root.glob("models--*/snapshots/*/adapter_config.json"):
-        try:
-            candidates.append((config.stat().st_mtime, config))
-        except OSError:
-            continue  # a snapshot link whose blob was removed
-    found: dict[str, CachedAdapter] = {}
-    for _mtime, config in sorted(candidates):
-        repo_folder = config.parents[2].name  # models--org--name
-        repo_id = repo_folder.removeprefix("models--").replace("--", "/", 1)
-        try:
-            data = load_adapter_config(config, repo_id)
-        except AdapterRejected as exc:
-            log.warning("skipping cached adapter %s (%s): %s", repo_id, config.parent, exc.message)
-            continue
-        base = data.get("base_model_name_or_path")
-        found[repo_id] = CachedAdapter(
-            repo_id=repo_id, folder=config.parent, base_model=str(base) if base else None
-        )
-    return list(found.values())

@@ -1,7 +1,8 @@
 """Finding an adapter's files and checking them before any weight is touched.
 
 Every refusal here happens on the small ``adapter_config.json`` (and a directory listing), so a bad
-adapter costs no model memory and leaves the loaded base untouched.
+adapter costs no model memory and leaves the loaded base untouched. The adapters already in the local
+HF cache are listed here too (``cached_adapters``), offline, for ``/v1/models``.
 """
 
 from __future__ import annotations
@@ -256,3 +257,43 @@ def same_model(declared: str, names: tuple[str, ...]) -> bool:
     declared_norm = norm(declared)
     tails = {norm(name).rsplit("/", 1)[-1] for name in names}
     return declared_norm in {norm(name) for name in names} or declared_norm.rsplit("/", 1)[-1] in tails
+
+
+@dataclass(frozen=True)
+class CachedAdapter:
+    """A LoRA adapter already in the local HF cache, usable offline."""
+
+    repo_id: str
+    folder: Path
+    base_model: str | None
+
+
+def cached_adapters(cache_dir: str | Path | None = None) -> list[CachedAdapter]:
+    """Adapters found in the HF cache (one entry per repo: its newest snapshot), without any network.
+
+    One bad folder (a config that is hostile, unreadable, or a link whose blob is gone) is skipped and
+    logged: it must never make the whole listing fail.
+    """
+    from huggingface_hub import constants
+
+    root = Path(cache_dir or constants.HF_HUB_CACHE)
+    candidates: list[tuple[float, Path]] = []
+    for config in root.glob("models--*/snapshots/*/adapter_config.json"):
+        try:
+            candidates.append((config.stat().st_mtime, config))
+        except OSError:
+            continue  # a snapshot link whose blob was removed
+    found: dict[str, CachedAdapter] = {}
+    for _mtime, config in sorted(candidates):
+        repo_folder = config.parents[2].name  # models--org--name
+        repo_id = repo_folder.removeprefix("models--").replace("--", "/", 1)
+        try:
+            data = load_adapter_config(config, repo_id)
+        except AdapterRejected as exc:
+            log.warning("skipping cached adapter %s (%s): %s", repo_id, config.parent, exc.message)
+            continue
+        base = data.get("base_model_name_or_path")
+        found[repo_id] = CachedAdapter(
+            repo_id=repo_id, folder=config.parent, base_model=str(base) if base else None
+        )
+    return list(found.values())

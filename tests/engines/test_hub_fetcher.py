@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from engines.adapters.files import cached_adapters
 from engines.errors import (
     FetchCancelled,
     ModelNotFound,
@@ -22,7 +23,7 @@ from engines.errors import (
     UpstreamUnavailable,
     UpstreamUnreachable,
 )
-from engines.hub import ADAPTER_FILES, HubFetcher, cached_adapters
+from engines.hub import ADAPTER_FILES, HubFetcher
 from tests.hub_server import HubServer, use_hub_server
 
 REPO = "test-org/tiny-lora"
