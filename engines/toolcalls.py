@@ -11,7 +11,11 @@ as ``message.tool_calls``. Three formats cover the common templates:
   that decoding drops, so an answer that *starts* with ``[`` is read the same way).
 
 Markup that does not parse, or names a function the request did not offer, stays text content: the
-client sees exactly what the model wrote rather than a call it cannot dispatch.
+client sees exactly what the model wrote rather than a call it cannot dispatch. The exception is a call
+cut by the token limit (``finish(cut=True)``): the model did not write bad markup, it was stopped inside a
+call, and OpenAI never shows such markup as text. The calls finished before the cut stay calls, the cut
+one is dropped (as is a trailing fragment that may begin a marker); a cut answer that only starts like the
+bare formats' calls (``{``, ``[``) but does not look like one stays content.
 The same ``ToolCallStream`` serves streaming and whole responses, so both always agree.
 """
 
@@ -82,7 +86,8 @@ class ToolCallStream:
     """Splits streamed text into content and tool calls for one format and one set of offered functions.
 
     Content streams as soon as it cannot be the start of a call's markup; markup is held until the call
-    is complete, then emitted as a call (or, if it is not a valid call, as the text it was).
+    is complete, then emitted as a call (or, if it is not a valid call, as the text it was; or not at all
+    when the token limit cut it, see ``finish``).
     """
 
     def __init__(self, fmt: ToolFormat, names: set[str], max_calls: int | None = None) -> None:
@@ -99,23 +104,30 @@ class ToolCallStream:
         self._buffer += text
         return self._drain(final=False)
 
-    def finish(self) -> list[ToolEvent]:
-        """Everything still held: a trailing call that parses, or the text it was."""
-        return self._drain(final=True)
+    def finish(self, cut: bool = False) -> list[ToolEvent]:
+        """Everything still held: a trailing call that parses, or the text it was.
 
-    def _drain(self, *, final: bool) -> list[ToolEvent]:
+        ``cut``: the generation ended at the token limit (finish reason "length"), so open markup is a
+        call the model could not finish rather than text it chose to write: it is dropped, not released.
+        """
+        return self._drain(final=True, cut=cut)
+
+    def _drain(self, *, final: bool, cut: bool = False) -> list[ToolEvent]:
         events: list[ToolEvent] = []
         while True:
             if self._in_call:
-                block = self._take_block(final)
-                if block is None:
+                taken = self._take_block(final)
+                if taken is None:
                     return events
-                events.extend(self._emit_block(block))
+                block, closed = taken
+                events.extend(self._emit_block(block, cut=cut and not closed))
                 continue
             start = self._call_start()
             if start is None:
-                held = 0 if final else self._held_suffix()
+                held = self._held_suffix() if cut or not final else 0
                 self._content(events, self._buffer[: len(self._buffer) - held], final)
+                if final:
+                    self._buffer = ""  # cut: what was held may begin a marker, and is not shown as text
                 return events
             self._content(events, self._buffer[:start], final=True)
             self._in_call = True
@@ -161,7 +173,8 @@ class ToolCallStream:
                 return size
         return 0
 
-    def _take_block(self, final: bool) -> str | None:
+    def _take_block(self, final: bool) -> tuple[str, bool] | None:
+        """The next whole piece of markup and whether the model closed it, or None while it may grow."""
         if self.fmt == "hermes":
             end = self._buffer.find(HERMES_CLOSE)
             if end >= 0:
@@ -169,19 +182,28 @@ class ToolCallStream:
                     self._buffer[: end + len(HERMES_CLOSE)],
                     self._buffer[end + len(HERMES_CLOSE) :],
                 )
-                return block
+                return block, True
         if not final:
             return None
         block, self._buffer = self._buffer, ""
-        return block
+        return block, False
 
-    def _emit_block(self, block: str) -> list[ToolEvent]:
+    def _emit_block(self, block: str, *, cut: bool = False) -> list[ToolEvent]:
         self._in_call = False
         self._started = True
         parsed = parse_block(self.fmt, block)
+        if parsed is None and cut and looks_like_call(self.fmt, block):
+            # Stopped inside a call: the calls finished before the cut are kept (all offered, as for a
+            # whole block), the rest is markup the model never finished and is not content either.
+            finished = finished_calls(self.fmt, block)
+            offered = all(name in self.names for name, _ in finished)
+            return self._emit_calls(finished if offered else [])
         if parsed is None or not parsed or any(name not in self.names for name, _ in parsed):
             self._after_call = False
             return [ContentDelta(block)] if block else []
+        return self._emit_calls(parsed)
+
+    def _emit_calls(self, parsed: list[tuple[str, str]]) -> list[ToolEvent]:
         events: list[ToolEvent] = []
         for name, arguments in parsed:
             if self.max_calls is not None and len(self.calls) >= self.max_calls:
@@ -216,6 +238,11 @@ def parse_block(fmt: ToolFormat, block: str) -> list[tuple[str, str]] | None:
         text = text[len(LLAMA_TAG) :] if text.startswith(LLAMA_TAG) else text
         objects = _json_values(text, separators=";")
         key = "parameters"
+    return _calls_in(objects, key)
+
+
+def _calls_in(objects: list[Any] | None, key: str) -> list[tuple[str, str]] | None:
+    """``(name, arguments JSON)`` for decoded call objects, or None if any of them is not a call."""
     if not objects:
         return None
     calls = []
@@ -234,8 +261,53 @@ def parse_block(fmt: ToolFormat, block: str) -> list[tuple[str, str]] | None:
     return calls
 
 
-def _json_values(text: str, separators: str = "") -> list[Any] | None:
-    """All JSON values in ``text``, one after another (whitespace or ``separators`` between), or None."""
+def looks_like_call(fmt: ToolFormat, block: str) -> bool:
+    """Whether markup cut short was a call: a marker says so; a bare ``{`` or ``[`` only with a ``"name"``.
+
+    An answer may well start with ``{`` or ``[`` as ordinary text; only one whose first object opens
+    with a ``"name"`` key (or that was cut before it could) is taken for a call.
+    """
+    text = block.lstrip()
+    marker = {"hermes": HERMES_OPEN, "mistral": MISTRAL_MARKER, "llama3_json": LLAMA_TAG}[fmt]
+    if text.startswith(marker):
+        return True
+    if fmt == "hermes":
+        return False
+    opening = '[{"name"' if fmt == "mistral" else '{"name"'
+    compact = ""
+    for char in text:
+        if not char.isspace():
+            compact += char
+            if len(compact) == len(opening):
+                break
+    return compact.startswith(opening) or opening.startswith(compact)
+
+
+def finished_calls(fmt: ToolFormat, block: str) -> list[tuple[str, str]]:
+    """The calls written out whole in markup that was cut short (the last, unfinished one left out)."""
+    text = block.strip()
+    if fmt == "hermes":
+        # One block per call: it is finished if its JSON is, even when the cut fell in the closing tag.
+        for size in range(min(len(HERMES_CLOSE), len(text)), 0, -1):
+            if HERMES_CLOSE.startswith(text[-size:]):
+                text = text[:-size]
+                break
+        return parse_block(fmt, text) or []
+    if fmt == "mistral":
+        text = text[len(MISTRAL_MARKER) :].lstrip() if text.startswith(MISTRAL_MARKER) else text
+        if not text.startswith("["):
+            return []
+        objects = _json_values(text[1:], separators=",", partial=True)
+        return _calls_in(objects, "arguments") or []
+    text = text[len(LLAMA_TAG) :] if text.startswith(LLAMA_TAG) else text
+    return _calls_in(_json_values(text, separators=";", partial=True), "parameters") or []
+
+
+def _json_values(text: str, separators: str = "", *, partial: bool = False) -> list[Any] | None:
+    """All JSON values in ``text``, one after another (whitespace or ``separators`` between), or None.
+
+    ``partial``: the values before the first that does not decode (text cut short), instead of None.
+    """
     decoder = json.JSONDecoder()
     values: list[Any] = []
     position = 0
@@ -248,16 +320,19 @@ def _json_values(text: str, separators: str = "") -> list[Any] | None:
         try:
             value, position = decoder.raw_decode(text, position)
         except ValueError:
-            return None
+            return values if partial else None
         values.append(value)
 
 
 def split_tool_calls(
-    fmt: ToolFormat, names: set[str], text: str, max_calls: int | None = None
+    fmt: ToolFormat, names: set[str], text: str, max_calls: int | None = None, cut: bool = False
 ) -> tuple[str, list[ToolCall]]:
-    """A whole answer as (content, calls): the non-streaming twin of ``ToolCallStream``."""
+    """A whole answer as (content, calls): the non-streaming twin of ``ToolCallStream``.
+
+    ``cut``: the answer ended at the token limit (see ``ToolCallStream.finish``).
+    """
     stream = ToolCallStream(fmt, names, max_calls)
-    events = stream.feed(text) + stream.finish()
+    events = stream.feed(text) + stream.finish(cut=cut)
     content = "".join(event.text for event in events if isinstance(event, ContentDelta))
     return content, stream.calls
 

@@ -184,10 +184,12 @@ async def _complete(
         parser = _tool_stream(tool_plan)
         reason = finish[i]
         if parser is not None:
-            events = parser.feed(texts[i]) + parser.finish()
+            events = parser.feed(texts[i]) + parser.finish(cut=reason == "length")
             content = "".join(e.text for e in events if isinstance(e, ContentDelta))
+            # What the parser kept is the content; where the model wrote only calls, or markup cut by the
+            # token limit, nothing is left and content is null, as OpenAI sends it (and as streamed).
+            message["content"] = content or (None if parser.calls or texts[i] else "")
             if parser.calls:
-                message["content"] = content or None
                 message["tool_calls"] = [
                     {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                     for c in parser.calls
@@ -265,7 +267,9 @@ async def _stream(
             # Tokens held back (maybe call markup) keep their logprobs until their text is released as
             # content; those of markup that became a call are not content and are not reported.
             held[index].extend(logprob_entries(event))
-            events = parser.feed(event.text) + (parser.finish() if event.finish_reason else [])
+            events = parser.feed(event.text)
+            if event.finish_reason:
+                events += parser.finish(cut=event.finish_reason == "length")
             entries = {"content": held[index], "refusal": None} if want_logprobs else None
             if events:
                 held[index] = []

@@ -21,12 +21,14 @@ PARIS = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n<
 ROME = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>'
 
 
-def streamed(fmt: str, text: str, step: int = 1, max_calls: int | None = None) -> list[ToolEvent]:
+def streamed(
+    fmt: str, text: str, step: int = 1, max_calls: int | None = None, cut: bool = False
+) -> list[ToolEvent]:
     stream = ToolCallStream(fmt, NAMES, max_calls)  # type: ignore[arg-type]
     events: list[ToolEvent] = []
     for start in range(0, len(text), step):
         events += stream.feed(text[start : start + step])
-    return events + stream.finish()
+    return events + stream.finish(cut=cut)
 
 
 def content(events: list[ToolEvent]) -> str:
@@ -66,11 +68,95 @@ def test_unknown_function_names_stay_text_content() -> None:
     assert split_tool_calls("hermes", NAMES, block) == (block, [])
 
 
-def test_malformed_or_unclosed_json_stays_text_content() -> None:
+def test_malformed_or_unclosed_json_stays_text_content_when_the_model_stopped() -> None:
     broken = '<tool_call>\n{"name": "get_weather", "arguments": {"city": </tool_call>'
     assert split_tool_calls("hermes", NAMES, broken) == (broken, [])
-    cut = '<tool_call>\n{"name": "get_weather", "arguments": {"ci'
-    assert split_tool_calls("hermes", NAMES, cut) == (cut, [])
+    assert split_tool_calls("hermes", NAMES, broken, cut=True) == (broken, [])  # closed by the model
+    unclosed = '<tool_call>\n{"name": "get_weather", "arguments": {"ci'
+    assert split_tool_calls("hermes", NAMES, unclosed) == (unclosed, [])
+
+
+CUT_CALLS = {
+    "hermes": (
+        "",
+        '<tool_call>\n{"name": "get_weather", "arguments": {"ci',
+        PARIS + "\n" + '<tool_call>\n{"name": "get_time", "argu',
+    ),
+    "llama3_json": (
+        "<|python_tag|>",
+        '{"name": "get_weather", "parameters": {"ci',
+        '{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_time", "para',
+    ),
+    "mistral": (
+        "[TOOL_CALLS]",
+        '[{"name": "get_weather", "arguments": {"ci',
+        '[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_ti',
+    ),
+}
+
+
+@pytest.mark.parametrize("step", [1, 5, 1000])
+@pytest.mark.parametrize("fmt", CUT_CALLS)
+def test_a_call_cut_by_the_token_limit_is_neither_content_nor_a_call(fmt: str, step: int) -> None:
+    marker, cut, _ = CUT_CALLS[fmt]
+    for text in (cut, marker + cut, "  " + marker + cut):
+        assert split_tool_calls(fmt, NAMES, text, cut=True) == ("", [])  # type: ignore[arg-type]
+        events = streamed(fmt, text, step, cut=True)
+        assert events == [], (fmt, text)
+
+
+@pytest.mark.parametrize("step", [1, 5, 1000])
+@pytest.mark.parametrize("fmt", CUT_CALLS)
+def test_a_complete_call_before_a_cut_one_stays_a_call_and_no_markup_is_content(fmt: str, step: int) -> None:
+    _, _, text = CUT_CALLS[fmt]
+    body, calls = split_tool_calls(fmt, NAMES, text, cut=True)  # type: ignore[arg-type]
+    assert body == "" and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"})
+    ]
+    events = streamed(fmt, text, step, cut=True)
+    assert content(events) == "" and [e.name for e in events if isinstance(e, ToolCallDelta) and e.name] == [
+        "get_weather"
+    ]
+
+
+def test_text_before_a_cut_hermes_call_stays_content() -> None:
+    text = "Let me check. " + '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa'
+    assert split_tool_calls("hermes", NAMES, text, cut=True) == ("Let me check. ", [])
+
+
+def test_a_hermes_call_cut_in_its_closing_tag_is_a_call() -> None:
+    _, calls = split_tool_calls("hermes", NAMES, PARIS[: -len("_call>")], cut=True)
+    assert [c.name for c in calls] == ["get_weather"]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "fragment"), [("hermes", "<tool_c"), ("mistral", "[TOOL_CA"), ("llama3_json", "<|python")]
+)
+def test_a_held_marker_fragment_at_the_cut_is_dropped(fmt: str, fragment: str) -> None:
+    assert split_tool_calls(fmt, NAMES, "Sure. " + fragment, cut=True) == ("Sure. ", [])  # type: ignore[arg-type]
+    assert content(streamed(fmt, "Sure. " + fragment, cut=True)) == "Sure. "
+    assert split_tool_calls(fmt, NAMES, "Sure. " + fragment) == ("Sure. " + fragment, [])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "text"),
+    [
+        ("llama3_json", '{"answer": "Paris is the capi'),
+        ("llama3_json", "{sunny, then rai"),
+        ("mistral", "[1, 2, 3, 4"),
+        ("mistral", '[{"city": "Par'),
+    ],
+)
+def test_a_cut_answer_that_only_starts_like_a_bare_call_stays_content(fmt: str, text: str) -> None:
+    assert split_tool_calls(fmt, NAMES, text, cut=True) == (text, [])  # type: ignore[arg-type]
+    assert content(streamed(fmt, text, 3, cut=True)) == text
+
+
+@pytest.mark.parametrize(
+    ("fmt", "text"), [("llama3_json", " {\n  "), ("mistral", "[ {"), ("llama3_json", '{"na')]
+)
+def test_a_cut_bare_block_that_is_the_beginning_of_a_call_is_dropped(fmt: str, text: str) -> None:
+    assert split_tool_calls(fmt, NAMES, text, cut=True) == ("", [])  # type: ignore[arg-type]
 
 
 def test_an_unclosed_but_complete_hermes_block_is_a_call() -> None:
