@@ -19,7 +19,7 @@ from engines.adapters.config import load_adapter_config
 from engines.adapters.pickle_weights import safetensors_copy
 from engines.catalog import AdapterPolicy, AdapterSpec, BaseSpec, Catalog
 from engines.checkpoint import CheckpointError, read_header
-from engines.errors import AdapterRejected, InvalidModelName, ModelNotFound
+from engines.errors import AdapterRejected, InvalidModelName, ModelNotFound, public_text
 from engines.forward.multilora import declared_rank
 from engines.names import is_hub_id, looks_like_path
 
@@ -187,7 +187,7 @@ def read_adapter_files(ref: AdapterRef, folder: Path, policy: AdapterPolicy) -> 
                 f"Adapter '{ref.label}' ships its weights only as pickle (adapter_model.bin), and this "
                 "gateway is configured with allow_pickle = false."
             )
-        weights = safetensors_copy(pickle, config, ref.key)
+        weights = safetensors_copy(pickle, config, ref.label)
     else:
         raise AdapterRejected(f"Adapter '{ref.label}' has no adapter_model.safetensors weights file.")
     return AdapterFiles(ref=ref, folder=folder, config=config, weights_file=weights)
@@ -202,7 +202,9 @@ def check_tensor_ranks(files: AdapterFiles, policy: AdapterPolicy) -> None:
     try:
         tensors = read_header(files.weights_file)
     except (OSError, CheckpointError) as exc:
-        raise AdapterRejected(f"Adapter '{files.ref.key}' has a corrupt weights file: {exc}") from exc
+        raise AdapterRejected(
+            f"Adapter '{files.ref.label}' has a corrupt weights file: {public_text(exc)}"
+        ) from exc
     for key, stored in tensors.items():
         match = _LORA_KEY.match(key)
         if match is None or len(stored.shape) != 2:
@@ -212,12 +214,12 @@ def check_tensor_ranks(files: AdapterFiles, policy: AdapterPolicy) -> None:
         declared = declared_rank(files.config, module)
         if rank > policy.max_rank:
             raise AdapterRejected(
-                f"Adapter '{files.ref.key}' has LoRA rank {rank} in '{module}', above this gateway's "
+                f"Adapter '{files.ref.label}' has LoRA rank {rank} in '{module}', above this gateway's "
                 f"maximum of {policy.max_rank} (max_rank)."
             )
         if rank != declared:
             raise AdapterRejected(
-                f"Adapter '{files.ref.key}': '{module}' {which} has rank {rank} but adapter_config.json "
+                f"Adapter '{files.ref.label}': '{module}' {which} has rank {rank} but adapter_config.json "
                 f"declares {declared}; the config does not describe these weights."
             )
 

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from engines.errors import AdapterRejected
+from engines.errors import AdapterRejected, public_text
 
 log = logging.getLogger("peft_gateway.pickle_weights")
 
@@ -45,7 +45,8 @@ def file_sha256(path: Path) -> str:
 def safetensors_copy(pickle_file: Path, config: dict[str, Any], adapter: str) -> Path:
     """The safetensors copy of ``pickle_file`` (made now if missing), in a folder with its config.
 
-    The folder holds ``adapter_config.json`` too, so peft can load it like the original.
+    The folder holds ``adapter_config.json`` too, so peft can load it like the original. ``adapter`` is
+    the adapter's public name (never a server path): it goes into the messages.
     """
     size = pickle_file.stat().st_size
     if size > MAX_PICKLE_BYTES:
@@ -89,7 +90,8 @@ def read_pickle_tensors(pickle_file: Path, adapter: str) -> dict[str, Any]:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    """The error's first line for the client, any server path in it cut to its last component."""
+    text = public_text(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
 
 

@@ -164,11 +164,11 @@ def _merge_layer_by_layer(base: LoadedModel, files: AdapterFiles) -> Any:
     clone = shallow_clone(base.model)
     layers = targeted_linears(clone, files)
     device = next(base.model.parameters()).device
-    weights = load_lora_weights(files.weights_file, files.config, torch.float32, "cpu")
+    weights = load_lora_weights(files.weights_file, files.config, torch.float32, "cpu", files.ref.label)
     missing = sorted(set(layers) - set(weights.modules))
     if missing:
         raise AdapterRejected(
-            f"Adapter '{files.ref.key}' targets {len(missing)} layers its weights file does not hold "
+            f"Adapter '{files.ref.label}' targets {len(missing)} layers its weights file does not hold "
             f"(e.g. {missing[:3]}): the file is incomplete or was saved for a different model."
         )
     with torch.no_grad():
@@ -176,7 +176,7 @@ def _merge_layer_by_layer(base: LoadedModel, files: AdapterFiles) -> Any:
             layer = layers.get(module_name)
             if layer is None:
                 raise AdapterRejected(
-                    f"Adapter '{files.ref.key}' has weights for '{module_name}', which is not a layer it "
+                    f"Adapter '{files.ref.label}' has weights for '{module_name}', which is not a layer it "
                     "targets in this base."
                 )
             dtype = layer.weight.dtype
@@ -287,11 +287,13 @@ def attach_unmerged(base: LoadedModel, files: AdapterFiles, model_id: str, reaso
     """Register the adapter on the base's multi-LoRA hooks; the result shares the base model object."""
     started = time.perf_counter()
     parameter = next(base.model.parameters())
-    weights = load_lora_weights(files.weights_file, files.config, parameter.dtype, parameter.device)
+    weights = load_lora_weights(
+        files.weights_file, files.config, parameter.dtype, parameter.device, files.ref.label
+    )
     registry = multilora_for(base.model)
     base.multilora = registry
     held_before = registry.nbytes
-    slot = registry.add(files.ref.key, weights)
+    slot = registry.add(files.ref.key, weights, files.ref.label)
     log.info(
         "attached adapter %s to %s unmerged (slot %d, %.1f MiB): %s",
         files.ref.key,

@@ -69,10 +69,18 @@ def declared_rank(config: dict[str, Any], module: str) -> int:
     return int(_pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 0)))
 
 
+def _named(adapter: str | None) -> str:
+    """How a message names the adapter: by its public name (never a server path), when it has one."""
+    return f"Adapter '{adapter}'" if adapter else "The adapter"
+
+
 def load_lora_weights(
-    weights_file: Path, config: dict[str, Any], dtype: torch.dtype, device: Any
+    weights_file: Path, config: dict[str, Any], dtype: torch.dtype, device: Any, adapter: str | None = None
 ) -> LoraWeights:
-    """Read A/B matrices from safetensors and fold each module's scale into B."""
+    """Read A/B matrices from safetensors and fold each module's scale into B.
+
+    ``adapter`` is the adapter's public name, for the messages of a refusal.
+    """
     from safetensors.torch import load_file
 
     tensors = load_file(str(weights_file), device="cpu")
@@ -84,7 +92,9 @@ def load_lora_weights(
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for module, pair in pairs.items():
         if set(pair) != {"lora_A", "lora_B"}:
-            raise AdapterRejected(f"Adapter weights for '{module}' are incomplete (need lora_A and lora_B).")
+            raise AdapterRejected(
+                f"{_named(adapter)}: the weights for '{module}' are incomplete (need lora_A and lora_B)."
+            )
         a, b = pair["lora_A"].float(), pair["lora_B"].float()
         rank = a.shape[0]
         alpha = float(
@@ -93,7 +103,7 @@ def load_lora_weights(
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         modules[module] = (a.to(dtype=dtype, device=device), (b * scale).to(dtype=dtype, device=device))
     if not modules:
-        raise AdapterRejected("The adapter's weights file holds no LoRA matrices.")
+        raise AdapterRejected(f"{_named(adapter)}: its weights file holds no LoRA matrices.")
     return LoraWeights(modules)
 
 
@@ -181,18 +191,22 @@ class MultiLora:
             )
         return max(0, total - self.nbytes)
 
-    def add(self, key: str, weights: LoraWeights) -> int:
-        """Register an adapter; returns its slot (rows use it to select the adapter)."""
-        with self.lock:
-            return self._add(key, weights)
+    def add(self, key: str, weights: LoraWeights, label: str | None = None) -> int:
+        """Register an adapter; returns its slot (rows use it to select the adapter).
 
-    def _add(self, key: str, weights: LoraWeights) -> int:
+        ``key`` identifies the weights (a local adapter's is its folder); ``label`` is its public name,
+        the one a refusal's message uses.
+        """
+        with self.lock:
+            return self._add(key, weights, label)
+
+    def _add(self, key: str, weights: LoraWeights, label: str | None) -> int:
         self.version += 1
         for module in weights.modules:
             layer = self._modules.get(module)
             if not isinstance(layer, torch.nn.Linear | Int8Linear):
                 raise AdapterRejected(
-                    f"Adapter targets '{module}', which is not a linear layer of this base."
+                    f"{_named(label)} targets '{module}', which is not a linear layer of this base."
                 )
         slot = self._free.pop() if self._free else self._next
         self._next = max(self._next, slot + 1)

@@ -230,3 +230,97 @@ def test_cancel_fetches_frees_a_request_waiting_on_a_stalled_hub(
     refused = chat(own, f"tiny+{REPO}@stalled")
     assert time.monotonic() - started < 3
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "fetch_cancelled"
+
+
+class NotATensor:
+    """A global that torch's weights-only unpickler refuses to rebuild."""
+
+
+@pytest.fixture(scope="module")
+def refusing_root(tmp_path_factory: pytest.TempPathFactory, tiny_models: TinyModels) -> Path:
+    """An adapter root whose every folder is refused, each at a different check (some one level down)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from engines.testing.tiny import TinyShape, save_tiny_adapter, save_tiny_base
+
+    root = tmp_path_factory.mktemp("refused-adapters")
+    tensors = load_file(str(tiny_models.adapter / "adapter_model.safetensors"))
+
+    def copy(name: str, source: Path = tiny_models.adapter) -> Path:
+        shutil.copytree(source, root / name)
+        return root / name
+
+    def pickled(name: str, state: Any) -> None:
+        folder = copy(name)
+        (folder / "adapter_model.safetensors").unlink()
+        torch.save(state, folder / "adapter_model.bin")
+
+    pickled("pickled", {**tensors, "extra": NotATensor()})
+    pickled("team/not-tensors", {**tensors, "note": [1, 2, 3]})
+    damaged = copy("damaged-pickle")
+    (damaged / "adapter_model.safetensors").unlink()
+    (damaged / "adapter_model.bin").write_bytes(b"this is not a pickle")
+    corrupt = copy("team/corrupt-weights")
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    bigger = {
+        k: torch.zeros(64, v.shape[1]) if "lora_A" in k else torch.zeros(v.shape[0], 64)
+        for k, v in tensors.items()
+    }
+    save_file(bigger, str(copy("rank-mismatch") / "adapter_model.safetensors"))
+    save_file({}, str(copy("no-matrices") / "adapter_model.safetensors"))
+    halves = {k: v for k, v in tensors.items() if "lora_A" in k}
+    save_file(halves, str(copy("half-pairs") / "adapter_model.safetensors"))
+    partial = {k: v for k, v in tensors.items() if ".layers.0." in k}
+    save_file(partial, str(copy("partial") / "adapter_model.safetensors"))
+    config = json.loads((tiny_models.adapter / "adapter_config.json").read_text())
+    (copy("bad-config") / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": "16"}))
+    copy("other-base", tiny_models.mismatched_adapter)
+    wide = save_tiny_base(tmp_path_factory.mktemp("wide") / "base", TinyShape(hidden_size=128))
+    save_tiny_adapter(wide, root / "team" / "wide", base_model_name_or_path="test-org/tiny-base")
+    return root
+
+
+@pytest.fixture(scope="module")
+def refusing_gateway(start_server: Any, tiny_models: TinyModels, refusing_root: Path) -> RunningServer:
+    """The refusing root on a base that merges adapters and one that serves them unmerged."""
+    from gateway.settings import ModelSettings, Settings
+
+    settings = Settings(
+        models={
+            "tiny": ModelSettings(source=str(tiny_models.base), dtype="float32"),
+            "tiny-multi": ModelSettings(source=str(tiny_models.base), dtype="float32", adapter_mode="multi"),
+        },
+        adapter_dirs=[refusing_root],
+    )
+    server: RunningServer = start_server(settings)
+    return server
+
+
+REFUSED = [
+    "pickled",
+    "team/not-tensors",
+    "damaged-pickle",
+    "team/corrupt-weights",
+    "rank-mismatch",
+    "no-matrices",
+    "half-pairs",
+    "bad-config",
+    "other-base",
+    "team/wide",
+]
+
+
+@pytest.mark.parametrize(
+    ("base", "name"),
+    [("tiny", name) for name in [*REFUSED, "partial"]] + [("tiny-multi", name) for name in REFUSED],
+)
+def test_every_refusal_of_a_local_adapter_names_it_as_the_client_did_and_not_its_folder(
+    refusing_gateway: RunningServer, refusing_root: Path, base: str, name: str
+) -> None:
+    refused = chat(refusing_gateway, f"{base}+{name}")
+    assert refused.status_code == 400, refused.text
+    message = refused.json()["error"]["message"]
+    assert f"Adapter '{name}'" in message, message
+    assert str(refusing_root) not in refused.text and str(refusing_root.resolve()) not in refused.text
+    assert "/tmp" not in refused.text, message
