@@ -130,6 +130,20 @@ def token_bytes(tokenizer: Any, token_id: int) -> tuple[str, tuple[int, ...]]:
     return raw.decode("utf-8", errors="replace"), tuple(raw)
 
 
+def skipped_token_texts(tokenizer: Any) -> frozenset[str]:
+    """The texts of the special tokens that decoding with ``skip_special_tokens`` leaves out.
+
+    Generated text is decoded that way, so such a token (an EOS the model emits under ``ignore_eos``)
+    adds nothing to the text, and the legacy logprobs' ``text_offset`` must not advance past it. The
+    tokenizer's added tokens marked special are what its decoder skips (``<|im_start|>`` among them,
+    which ``all_special_tokens`` does not list).
+    """
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts = {str(token.content) for token in added.values() if getattr(token, "special", False)}
+    texts.update(str(token) for token in getattr(tokenizer, "all_special_tokens", ()))
+    return frozenset(texts)
+
+
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte-level alphabet: the printable symbol that stands for each byte in the vocabulary."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]

@@ -16,7 +16,7 @@ MAX_TOP_LOGPROBS = 20
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. ``temperature == 0`` means greedy."""
+    """How to pick tokens. ``temperature == 0`` or ``top_p == 0`` means greedy."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -31,7 +31,13 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 1e-5
+        """Temperature 0, or ``top_p`` 0: a nucleus of no mass keeps only the most likely token.
+
+        OpenAI accepts ``top_p: 0`` and answers with the most likely token. Taking it by the same argmax
+        as temperature 0 gives exactly the greedy answer, ties included, and draws no random number; a
+        nucleus of size 0 leaves nothing to sample from, and floating-point sums could make it so.
+        """
+        return self.temperature <= 1e-5 or self.top_p <= 0.0
 
 
 @dataclass(frozen=True)
@@ -115,7 +121,8 @@ class Sampler:
                 scores = scores.masked_fill(scores < kth, float("-inf"))
             probs = torch.softmax(scores, dim=-1)
             if p.top_p < 1.0:
-                sorted_probs, order = torch.sort(probs, descending=True)
+                # Stable, so that among tied tokens the nucleus keeps the lowest ids first, as argmax does.
+                sorted_probs, order = torch.sort(probs, descending=True, stable=True)
                 cumulative = torch.cumsum(sorted_probs, dim=-1)
                 drop = cumulative - sorted_probs > p.top_p
                 sorted_probs = sorted_probs.masked_fill(drop, 0.0)

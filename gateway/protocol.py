@@ -92,8 +92,14 @@ class UnsupportedPart(BaseModel):
 
 
 def part_tag(value: Any) -> str:
+    """The branch for a content part, picked by its ``type`` without ever hashing a client value.
+
+    A ``type`` that is not a string (an object, a list) goes to the text branch, whose ``Literal``
+    refuses it as ``...content[i].type``, as it does an unknown string; looking such a value up in
+    ``UNSUPPORTED_PARTS`` would raise ``TypeError`` (unhashable), a 500.
+    """
     kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return "part:unsupported" if kind in UNSUPPORTED_PARTS else "part:text"
+    return "part:unsupported" if isinstance(kind, str) and kind in UNSUPPORTED_PARTS else "part:text"
 
 
 def content_tag(value: Any) -> str:
@@ -154,7 +160,8 @@ class SamplingFields(StrictRequest):
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    # 0 is allowed, as in OpenAI's API: only the most likely token (``SamplingParams.greedy``).
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None

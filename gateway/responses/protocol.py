@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Discriminator, Field, Tag, model_validator
 from pydantic_core import PydanticCustomError
 
-from gateway.protocol import StrictRequest, UnsupportedPart, content_tag, part_tag
+from gateway.protocol import FieldError, StrictRequest, UnsupportedPart, content_tag, part_tag
 
 #: Input item types this gateway maps onto chat messages; any other type is refused by name.
 ITEM_TYPES = ("message", "function_call", "function_call_output")
@@ -85,6 +85,12 @@ class UnsupportedItem(BaseModel):
     @classmethod
     def _refuse(cls, data: Any) -> Any:
         kind = data.get("type") if isinstance(data, dict) else None
+        if isinstance(data, dict) and not isinstance(kind, str):
+            # An object or list is no item type at all: the fault is the field, not an unsupported kind.
+            raise FieldError(
+                "type",
+                "an input item's type must be a string: 'message', 'function_call' or 'function_call_output'",
+            )
         raise PydanticCustomError(
             "unsupported_item",
             "input items of type '{kind}' are not supported; use messages, 'function_call' and "
@@ -94,10 +100,15 @@ class UnsupportedItem(BaseModel):
 
 
 def _item_tag(value: Any) -> str:
+    """The branch for an input item; a ``type`` that is not a string goes to ``UnsupportedItem``.
+
+    Only strings are compared with the known types, so no client value is ever hashed or formatted
+    into a tag, whatever its JSON type.
+    """
     kind = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", None)
     if kind is None:
         kind = "message"
-    return f"item:{kind}" if kind in ITEM_TYPES else "item:unsupported"
+    return f"item:{kind}" if isinstance(kind, str) and kind in ITEM_TYPES else "item:unsupported"
 
 
 InputItem = Annotated[
@@ -124,7 +135,8 @@ class ResponsesRequest(StrictRequest):
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    # 0 is allowed, as in OpenAI's API: only the most likely token (``SamplingParams.greedy``).
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None

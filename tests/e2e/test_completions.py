@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -117,3 +118,105 @@ def test_scored_echo_streams_the_same_as_whole(tiny_server: RunningServer) -> No
         for lp in c.choices[0].logprobs.token_logprobs or []
     ]
     assert whole.logprobs is not None and streamed == whole.logprobs.token_logprobs
+
+
+MULTIBYTE = "héllo 巴黎"  # é is 2 bytes, 巴 and 黎 3 each: byte tokens of the tiny model
+SPECIAL = "<|im_end|>"  # the tiny model's EOS: under ignore_eos it is generated but not in the text
+
+
+def legacy(server: RunningServer, **body: Any) -> dict[str, Any]:
+    payload = {"model": "tiny", "prompt": MULTIBYTE, "logprobs": 1, **body}
+    response = httpx.post(f"{server.v1}/completions", json=payload, timeout=60)
+    assert response.status_code == 200, response.text
+    return dict(response.json()["choices"][0])
+
+
+def token_raw(token: str) -> bytes:
+    """A legacy token's bytes: ``bytes:\\xNN...`` for part of a character, else its text."""
+    if token.startswith("bytes:"):
+        return bytes.fromhex(token[len("bytes:") :].replace("\\x", ""))
+    return token.encode("utf-8")
+
+
+def assert_offsets_follow_the_text(choice: dict[str, Any]) -> None:
+    text, tokens, offsets = choice["text"], choice["logprobs"]["tokens"], choice["logprobs"]["text_offset"]
+    assert len(offsets) == len(tokens)
+    assert offsets == sorted(offsets) and all(0 <= offset <= len(text) for offset in offsets)
+    for token, offset in zip(tokens, offsets, strict=True):
+        # A token at the very end is past the text: cut off by a stop string, or a never-finished character.
+        if not token.startswith("bytes:") and token != SPECIAL and offset < len(text):
+            assert text[offset : offset + len(token)] == token, (token, offset)
+    shown = b"".join(token_raw(token) for token in tokens if token != SPECIAL).decode("utf-8", "replace")
+    assert shown.startswith(text)
+
+
+def test_echoed_multibyte_prompt_offsets_are_character_positions(tiny_server: RunningServer) -> None:
+    choice = legacy(tiny_server, echo=True, max_tokens=0)
+    logprobs = choice["logprobs"]
+    assert choice["text"] == MULTIBYTE
+    # h é(2 bytes) l l o ' ' 巴(3) 黎(3): a byte inside a character starts where its character does.
+    assert logprobs["text_offset"] == [0, 1, 1, 2, 3, 4, 5, 6, 6, 6, 7, 7, 7]
+    assert logprobs["tokens"][:3] == ["h", "bytes:\\xc3", "bytes:\\xa9"]
+    assert logprobs["tokens"][7:10] == ["bytes:\\xe5", "bytes:\\xb7", "bytes:\\xb4"]
+    assert "\ufffd" not in "".join(logprobs["tokens"])
+    assert_offsets_follow_the_text(choice)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_echo_offsets_run_on_from_the_prompt_through_the_completion(
+    tiny_server: RunningServer, seed: int
+) -> None:
+    choice = legacy(tiny_server, echo=True, max_tokens=24, temperature=1, seed=seed, ignore_eos=True)
+    assert choice["text"].startswith(MULTIBYTE)
+    assert choice["logprobs"]["text_offset"][13] == len(MULTIBYTE)  # the first generated token
+    assert_offsets_follow_the_text(choice)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_offsets_without_echo_follow_the_completion_text(tiny_server: RunningServer, seed: int) -> None:
+    choice = legacy(tiny_server, max_tokens=24, temperature=1, seed=seed, ignore_eos=True)
+    assert choice["logprobs"]["text_offset"][0] == 0
+    assert_offsets_follow_the_text(choice)
+
+
+def test_partial_character_alternatives_are_told_apart_by_their_bytes(tiny_server: RunningServer) -> None:
+    choice = legacy(tiny_server, echo=True, max_tokens=0, logprobs=5)
+    keys = [key for top in choice["logprobs"]["top_logprobs"][1:] for key in top]
+    assert keys and all("\ufffd" not in key for key in keys)
+    assert all(len(top) == 5 for top in choice["logprobs"]["top_logprobs"][1:])
+
+
+def stream_legacy(server: RunningServer, **body: Any) -> dict[str, Any]:
+    """The streamed choice put together: its text, tokens and offsets."""
+    payload = {"model": "tiny", "prompt": MULTIBYTE, "logprobs": 1, **body, "stream": True}
+    text, tokens, offsets = "", [], []
+    with httpx.stream("POST", f"{server.v1}/completions", json=payload, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                for choice in json.loads(line[len("data: ") :])["choices"]:
+                    text += choice["text"]
+                    if choice["logprobs"]:
+                        tokens += choice["logprobs"]["tokens"]
+                        offsets += choice["logprobs"]["text_offset"]
+    return {"text": text, "logprobs": {"tokens": tokens, "text_offset": offsets}}
+
+
+@pytest.mark.parametrize("echo", [True, False])
+def test_streamed_offsets_follow_the_text_as_the_whole_ones_do(
+    tiny_server: RunningServer, echo: bool
+) -> None:
+    body = {"echo": echo, "max_tokens": 16, "temperature": 1, "seed": 4, "ignore_eos": True}
+    whole, streamed = legacy(tiny_server, **body), stream_legacy(tiny_server, **body)
+    assert streamed["text"] == whole["text"]
+    assert streamed["logprobs"]["tokens"] == whole["logprobs"]["tokens"]
+    assert streamed["logprobs"]["text_offset"] == whole["logprobs"]["text_offset"]
+    assert_offsets_follow_the_text(streamed)
+
+
+def test_offsets_stay_within_a_text_cut_by_a_stop_string(tiny_server: RunningServer) -> None:
+    body = {"echo": True, "max_tokens": 24, "temperature": 1, "seed": 1, "ignore_eos": True}
+    generated = legacy(tiny_server, **body)["text"][len(MULTIBYTE) :]
+    stop = next(char for char in generated[4:] if char.isascii() and char.isalnum())
+    for choice in (legacy(tiny_server, **body, stop=stop), stream_legacy(tiny_server, **body, stop=stop)):
+        assert choice["text"] == MULTIBYTE + generated[: generated.index(stop)]
+        assert_offsets_follow_the_text(choice)

@@ -58,7 +58,8 @@ def test_non_object_body_is_400(tiny_server: RunningServer) -> None:
     [
         ({"temperature": -1}, "temperature"),
         ({"temperature": 3}, "temperature"),
-        ({"top_p": 0}, "top_p"),
+        ({"top_p": -0.1}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": "many"}, "max_tokens"),
         ({"n": 0}, "n"),

@@ -450,5 +450,24 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(tiny_server: RunningServer) -> None
     assert text(chat(tiny_server, max_tokens=16, temperature=1.0, seed=1)) != greedy
 
 
+@pytest.mark.parametrize("seed", [1, 2, None])
+def test_top_p_zero_gives_exactly_the_greedy_answer(tiny_server: RunningServer, seed: int | None) -> None:
+    sampled = {"temperature": 1.0, "top_p": 0, "seed": seed, "max_tokens": 16, "ignore_eos": True}
+    assert text(chat(tiny_server, **sampled)) == text(chat(tiny_server, max_tokens=16, ignore_eos=True))
+    assert text(complete(tiny_server, **sampled)) == text(
+        complete(tiny_server, max_tokens=16, ignore_eos=True)
+    )
+
+
+def test_top_p_zero_gives_the_greedy_response(tiny_server: RunningServer) -> None:
+    texts = []
+    for body in ({"temperature": 1.0, "top_p": 0}, {"temperature": 0}):  # Responses has no seed
+        payload = {"model": "tiny", "input": "Hi", "max_output_tokens": 16, **body}
+        answer = httpx.post(f"{tiny_server.v1}/responses", json=payload, timeout=60)
+        assert answer.status_code == 200, answer.text
+        texts.append([item["content"] for item in answer.json()["output"] if item["type"] == "message"])
+    assert texts[0] == texts[1]
+
+
 def test_temperature_zero_is_repeatable(tiny_server: RunningServer) -> None:
     assert text(chat(tiny_server, max_tokens=12)) == text(chat(tiny_server, max_tokens=12))

@@ -80,3 +80,41 @@ def test_every_stream_chunk_has_a_fingerprint(
         lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
     chunks = [json.loads(line) for line in lines if line != "[DONE]"]
     assert chunks and all(str(chunk["system_fingerprint"]).startswith("fp_") for chunk in chunks)
+
+
+def _chat_part(kind: Any) -> tuple[str, dict[str, Any]]:
+    return "chat/completions", {"messages": [{"role": "user", "content": [{"type": kind, "text": "hi"}]}]}
+
+
+def _responses_part(kind: Any) -> tuple[str, dict[str, Any]]:
+    return "responses", {"input": [{"role": "user", "content": [{"type": kind, "text": "hi"}]}]}
+
+
+def _responses_output_part(kind: Any) -> tuple[str, dict[str, Any]]:
+    item = {"type": "function_call_output", "call_id": "call_1", "output": [{"type": kind, "text": "42"}]}
+    return "responses", {"input": [item]}
+
+
+def _responses_item(kind: Any) -> tuple[str, dict[str, Any]]:
+    return "responses", {"input": [{"type": kind, "role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("kind", [{}, [], {"text": "x"}, ["text"]], ids=["object", "list", "dict", "strings"])
+@pytest.mark.parametrize(
+    ("where", "param"),
+    [
+        (_chat_part, "messages[0].content[0].type"),
+        (_responses_part, "input[0].content[0].type"),
+        (_responses_output_part, "input[0].output[0].type"),
+        (_responses_item, "input[0].type"),
+    ],
+    ids=["chat-part", "responses-part", "function-call-output-part", "responses-item"],
+)
+def test_a_type_that_is_an_object_or_list_is_a_400_naming_the_field(
+    tiny_server: RunningServer, kind: Any, where: Any, param: str
+) -> None:
+    path, body = where(kind)
+    response = httpx.post(f"{tiny_server.v1}/{path}", json={"model": "tiny", **body}, timeout=60)
+    error = assert_openai_error(response, 400, param)
+    assert error["type"] == "invalid_request_error"
+    assert f"'{param}'" in error["message"]

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from engines.detokenize import REPLACEMENT, IncrementalDecoder, StopStringFilter
+from engines.prompts import skipped_token_texts
 from engines.testing.tiny import build_byte_tokenizer
 
 CHINESE = "世界上最大的动物是蓝鲸。"
@@ -289,3 +290,12 @@ def test_text_without_any_stop_comes_out_whole_after_flush() -> None:
     released, tail, stopped = run_filter(stops, [text[i : i + 3] for i in range(0, len(text), 3)])
     assert not stopped
     assert "".join(released) + tail == text
+
+
+def test_skipped_token_texts_are_the_tokens_decoding_leaves_out(byte_tokenizer: Any) -> None:
+    skipped = skipped_token_texts(byte_tokenizer)
+    ids = byte_tokenizer("a<|im_start|>b<|im_end|>c<s>", add_special_tokens=False)["input_ids"]
+    pieces = [byte_tokenizer.decode([token]) for token in ids]
+    kept = "".join(piece for piece in pieces if piece not in skipped)
+    assert kept == byte_tokenizer.decode(ids, skip_special_tokens=True) == "abc"
+    assert {"<|im_start|>", "<|im_end|>", "<s>"} <= skipped and "a" not in skipped

@@ -125,6 +125,34 @@ def test_tiny_top_p_equals_greedy() -> None:
         assert set(draw(params, logits, 20)) == {int(torch.argmax(logits))}
 
 
+def tied_logits() -> torch.Tensor:
+    """Three tokens tied for the maximum, far apart: an unstable sort puts the last one first."""
+    logits = torch.zeros(VOCAB)
+    logits[[7, VOCAB // 3, VOCAB - 2]] = 5.0
+    return logits
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, None])
+def test_top_p_zero_keeps_only_the_token_greedy_picks(seed: int | None) -> None:
+    for logits in (peaked_logits(8), tied_logits(), flat_logits()):
+        greedy = Sampler(SamplingParams(temperature=0.0)).choose(logits).token_id
+        params = SamplingParams(temperature=1.0, top_p=0.0, seed=seed, logprobs=True)
+        choices = [Sampler(params).choose(logits) for _ in range(5)]
+        assert {choice.token_id for choice in choices} == {greedy}
+        assert all(math.isfinite(choice.logprob) for choice in choices)
+
+
+def test_top_p_zero_counts_as_greedy() -> None:
+    assert SamplingParams(temperature=1.0, top_p=0.0).greedy
+    assert not SamplingParams(temperature=1.0, top_p=1e-6).greedy
+
+
+def test_tiny_top_p_keeps_the_lowest_id_among_tied_tokens() -> None:
+    logits = tied_logits()
+    params = SamplingParams(temperature=1.0, top_p=1e-6, seed=0)
+    assert set(draw(params, logits, 10)) == {int(torch.argmax(logits))}
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     logits = torch.full((VOCAB,), -1e4)
     logits[[3, 8, 11]] = torch.log(torch.tensor([0.5, 0.3, 0.2]))

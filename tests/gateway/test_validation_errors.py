@@ -8,7 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from gateway.errors import APIError, from_validation
-from gateway.protocol import ChatCompletionRequest
+from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.responses.protocol import ResponsesRequest
 
 HELLO = [{"role": "user", "content": "Hi"}]
 
@@ -58,3 +59,25 @@ def test_store_false_or_null_is_accepted(store: bool | None) -> None:
         ChatCompletionRequest.model_validate({"model": "m", "messages": HELLO, "store": store}).store
         is not True
     )
+
+
+TOP_P_BODIES = [
+    (ChatCompletionRequest, {"model": "m", "messages": HELLO}),
+    (CompletionRequest, {"model": "m", "prompt": "Hi"}),
+    (ResponsesRequest, {"model": "m", "input": "Hi"}),
+]
+
+
+@pytest.mark.parametrize(("schema", "body"), TOP_P_BODIES)
+@pytest.mark.parametrize("top_p", [0, 0.0, 0.5, 1])
+def test_top_p_from_zero_to_one_is_accepted(schema: Any, body: dict[str, Any], top_p: float) -> None:
+    assert schema.model_validate({**body, "top_p": top_p}).top_p == top_p
+
+
+@pytest.mark.parametrize(("schema", "body"), TOP_P_BODIES)
+@pytest.mark.parametrize("top_p", [-0.01, -1, 1.01, 2])
+def test_top_p_outside_zero_to_one_is_refused(schema: Any, body: dict[str, Any], top_p: float) -> None:
+    with pytest.raises(ValidationError) as caught:
+        schema.model_validate({**body, "top_p": top_p})
+    error = from_validation(caught.value)
+    assert (error.status, error.param) == (400, "top_p")
