@@ -206,6 +206,8 @@ class EngineLimits:
     prefix_cache_bytes: int = 256 * 2**20
     threads: int = 0
     lean_decode: bool = True
+    #: bf16/float16 decode steps batch-invariant too, at a cost (``[engine] deterministic``).
+    deterministic: bool = False
     #: Deadline of one adapter fetch from the Hub, seconds (``[hub] fetch_timeout``).
     fetch_timeout: float = 300.0
     #: How long a "not on the Hub" answer is remembered, seconds (``[hub] negative_cache_seconds``).
@@ -240,6 +242,7 @@ class Engine:
             prefix_cache_bytes=limits.prefix_cache_bytes,
             threads=limits.threads,
             lean_decode=limits.lean_decode,
+            deterministic=limits.deterministic,
         )
         self.reporters: list[Callable[[GenerationReport], None]] = []
         self.grammars = GrammarCache()

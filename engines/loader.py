@@ -75,9 +75,13 @@ class BasePlan:
 def plan_base_load(spec: BaseSpec, room: int | None) -> BasePlan:
     """Find the base's files and choose its dtype for ``room`` bytes of budget (``None``: unlimited).
 
-    ``auto`` picks float32 only where it is faster here (no native bf16 on this CPU) *and* fits with
-    room to serve (a full-context KV cache and 10% beside the weights); otherwise the checkpoint's own
-    half precision (bf16 for a float32 checkpoint). The reason is kept for the log and ``/v1/models``.
+    On a CPU, ``auto`` picks float32 wherever it fits with room to serve (a full-context KV cache and
+    10% beside the weights) and is the faster choice: on a CPU without native bf16 (bf16 is emulated
+    there), or where the compiled float32 step loads. That step serves several clients faster than
+    torch's bf16 kernels even on CPUs with native bf16, and its products are exact float32 and
+    batch-invariant, so greedy answers do not depend on the batch (bf16's do, unless ``[engine]
+    deterministic``). Otherwise bf16 where the CPU has it natively, else the checkpoint's own half
+    precision (bf16 for a float32 checkpoint). The reason is kept for the log and ``/v1/models``.
     """
     folder = base_folder(spec)
     try:
@@ -92,18 +96,25 @@ def plan_base_load(spec: BaseSpec, room: int | None) -> BasePlan:
     elif spec.device.startswith("cuda"):
         name = auto_dtype_name(spec.device)
         reason = f"{name} is native on {spec.device}"
-    elif auto_dtype_name(spec.device) == "bfloat16":
-        name, reason = "bfloat16", "this CPU has native bf16 (avx512_bf16/amx_bf16)"
     else:
+        native_bf16 = auto_dtype_name(spec.device) == "bfloat16"
+        compiled = NativeKernels.load() is not None
         fp32_bytes = facts.parameters * 4
         serving = fp32_bytes // 10 + facts.kv_bytes_per_token(4) * (spec.context_length or facts.context)
-        if room is None or fp32_bytes + serving <= room:
-            name, reason = "float32", "no native bf16 on this CPU, and float32 fits the memory budget"
+        budget_text = f"the {room / 2**30:.1f} GiB budget free" if room is not None else "no budget"
+        fits = room is None or fp32_bytes + serving <= room
+        if fits and (compiled or not native_bf16):
+            why = "the compiled float32 step serves it" if compiled else "no native bf16 on this CPU"
+            name, reason = "float32", f"float32 fits the memory budget and {why}"
+        elif native_bf16:
+            name, reason = "bfloat16", "this CPU has native bf16 (avx512_bf16/amx_bf16)"
+            if not fits:
+                reason += f", and float32 would not fit {budget_text}"
         else:
             name = half
             reason = (
                 f"float32 would need {fp32_bytes / 2**30:.1f} GiB plus {serving / 2**30:.1f} GiB to serve, "
-                f"more than the {room / 2**30:.1f} GiB budget free: using the checkpoint's {half}"
+                f"more than {budget_text}: using the checkpoint's {half}"
             )
     element = DTYPE_BYTES[name]
     resident = facts.parameters * element

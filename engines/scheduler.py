@@ -52,6 +52,8 @@ class SchedulerStats:
     steps: int = 0
     prefill_tokens: int = 0
     last_batch_size: int = 0
+    #: The most rows one decode step has held: proof that requests really shared a batch.
+    largest_batch_size: int = 0
 
 
 @dataclass
@@ -80,11 +82,14 @@ class Scheduler:
         prefix_cache_bytes: int = 256 * 2**20,
         threads: int = 0,
         lean_decode: bool = True,
+        deterministic: bool = False,
         budgets: MemoryBudgets | None = None,
     ) -> None:
         self.budgets = budgets if budgets is not None else MemoryBudgets(unlimited=True)
         self.threads = threads
         self.lean_decode = lean_decode
+        #: Batch-invariant bf16 steps too (row by row): see ``forward.run.decode``.
+        self.deterministic = deterministic
         # One lean step per model object, built on its first batch rather than on every batch (a batch
         # ends whenever its model goes idle); weak keys, so an evicted model takes its entry with it.
         self._decoders: weakref.WeakKeyDictionary[Any, LeanDecoder | None] = weakref.WeakKeyDictionary()
@@ -224,7 +229,13 @@ class Scheduler:
         return bool(self._prefilling) or any(batch.rows for batch in self._batches.values())
 
     def _prefill_some(self) -> None:
-        """Spend at most one chunk of prompt tokens, oldest request first."""
+        """Spend at most one chunk of prompt tokens, oldest request first.
+
+        Chunks are cut at fixed places in each prompt (every ``prefill_chunk`` tokens from its start),
+        never where another prompt's tokens happened to use up the budget: a prompt's KV and first
+        logits then come from the same forward passes whatever else is waiting, so its answer does not
+        depend on it. A chunk that does not fit the budget left waits for the next round.
+        """
         budget = self.prefill_chunk
         while self._prefilling and budget > 0:
             sequence = self._prefilling[0]
@@ -234,10 +245,12 @@ class Scheduler:
                 continue
             try:
                 if sequence.cache is None and self._start_from_prefix(sequence):
-                    self._prefilling.popleft()
-                    self._join(sequence)
-                    continue
-                budget -= self._prefill_chunk(sequence, budget)
+                    pass  # the whole prompt was cached, its logits too: on to its first token
+                else:
+                    size = self._chunk_size(sequence)
+                    if size > budget and budget < self.prefill_chunk:
+                        return
+                    budget -= self._prefill_chunk(sequence, size)
             except Exception as exc:  # a failing forward ends one request, not the engine thread
                 log.exception("prefill failed for %s", sequence.request.request_id)
                 self._prefilling.popleft()
@@ -259,13 +272,13 @@ class Scheduler:
                     sequence.fail(exc)
 
     def _start_from_prefix(self, sequence: Sequence) -> bool:
-        """Give ``sequence`` its prompt cache, from the longest cached prefix; ``True`` when it can join now.
+        """Give ``sequence`` its prompt cache, from the longest cached prefix; ``True`` when it is whole.
 
-        When the prefix cache holds all of the prompt but its last token (a repeated prompt: retries,
-        several clients sending the same request), that token needs no forward pass of its own: the row
-        joins its batch and the next decode step computes it beside the other rows, its logits picking
-        the first token. Eight such arrivals then cost one batched step, not eight one-token prefills
-        through the full forward (as llama.cpp batches a new prompt's tokens with running rows).
+        A prompt cached whole (a repeated prompt: retries, several clients sending the same request,
+        ``n`` choices) needs no forward pass at all: the entry keeps the logits its prefill ended on, so
+        the first token is the one the cold prefill picked, and the row joins its batch at once. A
+        shorter prefix is reused up to a chunk boundary (``PrefixCache.lookup``), so the rest of the
+        prompt goes through the chunks a cold prefill computes.
         """
         from transformers import DynamicCache
 
@@ -273,27 +286,38 @@ class Scheduler:
         prefixes = self._prefix_cache(sequence.model)
         # A scored prompt needs every position's logits, which a cached prefix no longer has.
         scored = sequence.request.prompt_logprobs is not None
-        reused, layers = prefixes.lookup(prompt) if prefixes is not None and not scored else (0, None)
-        sequence.prefilled = reused
-        if layers is None:
+        hit = prefixes.lookup(prompt, self.prefill_chunk) if prefixes is not None and not scored else None
+        if hit is None:
+            sequence.prefilled = 0
             sequence.cache = DynamicCache()
             return False
-        joins = reused == len(prompt) - 1 and sequence.request.max_tokens > 0
-        # A joining row is copied into the batch at once, from the entry itself.
-        sequence.cache = PrefixView(layers, reused) if joins else cache_from_prefix(layers, reused)
-        return joins
+        sequence.prefilled = hit.length
+        if hit.logits is not None:
+            # Copied into the batch when it joins, from the entry itself.
+            sequence.cache = PrefixView(hit.layers, hit.length)
+            sequence.logits = hit.logits
+            return True
+        sequence.cache = cache_from_prefix(hit.layers, hit.length)
+        return False
 
-    def _prefill_chunk(self, sequence: Sequence, budget: int) -> int:
+    def _chunk_size(self, sequence: Sequence) -> int:
+        """The prompt tokens of ``sequence``'s next prefill chunk: up to the next fixed boundary."""
+        size = self.prefill_chunk
+        if sequence.request.prompt_logprobs is not None:
+            vocab = int(sequence.model.model.config.get_text_config().vocab_size)
+            size = scored_chunk_tokens(vocab, size)
+        start = sequence.prefilled
+        return min(len(sequence.request.prompt_ids), (start // size + 1) * size) - start
+
+    def _prefill_chunk(self, sequence: Sequence, size: int) -> int:
         import torch
 
         model = sequence.model.model
         prompt = sequence.request.prompt_ids
         prefixes = self._prefix_cache(sequence.model)
         scored = sequence.request.prompt_logprobs is not None
-        if scored:
-            budget = scored_chunk_tokens(int(model.config.get_text_config().vocab_size), budget)
         start = sequence.prefilled
-        chunk = prompt[start : start + budget]
+        chunk = prompt[start : start + size]
         device = sequence.model.device
         ids = torch.tensor([chunk], dtype=torch.long, device=device)
         # The last position as an index tensor, not ``logits_to_keep=1``: that slice keeps the prompt's
@@ -311,8 +335,9 @@ class Scheduler:
         self.stats.prefill_tokens += len(chunk)
         if sequence.prefilled >= len(prompt):
             sequence.logits = output.logits[0, -1]
-            if prefixes is not None:
-                prefixes.store(prompt, sequence.cache)
+            # A scored prompt went through smaller chunks: its KV is not what a plain prefill computes.
+            if prefixes is not None and not scored:
+                prefixes.store(prompt, sequence.cache, sequence.logits, self.prefill_chunk)
         return len(chunk)
 
     def _prefix_cache(self, loaded: LoadedModel) -> PrefixCache | None:
@@ -359,7 +384,15 @@ class Scheduler:
             kv.reserve(1)
             positions = kv.position_ids()
             ids = torch.tensor([[s.next_input()] for s in batch.rows], dtype=torch.long, device=kv.device)
-            logits = forward.decode(batch.rows, batch.loaded.model, batch.decoder, kv, ids, positions)
+            logits = forward.decode(
+                batch.rows,
+                batch.loaded.model,
+                batch.decoder,
+                kv,
+                ids,
+                positions,
+                deterministic=self.deterministic,
+            )
             kv.advance()
         except Exception as exc:
             log.exception("decode step failed for a batch of %d", len(batch.rows))
@@ -376,6 +409,7 @@ class Scheduler:
                 sequence.fail(exc)
         self.stats.steps += 1
         self.stats.last_batch_size = len(batch.rows)
+        self.stats.largest_batch_size = max(self.stats.largest_batch_size, len(batch.rows))
         self._drop_finished(batch)
 
     def _decoder_for(self, model: Any) -> LeanDecoder | None:

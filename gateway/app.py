@@ -83,6 +83,7 @@ def engine_limits(settings: Settings) -> EngineLimits:
         prefix_cache_bytes=int(settings.engine.prefix_cache),
         threads=settings.engine.threads,
         lean_decode=settings.engine.lean_decode,
+        deterministic=settings.engine.deterministic,
         fetch_timeout=settings.hub.fetch_timeout,
         negative_cache_seconds=settings.hub.negative_cache_seconds,
     )

@@ -101,6 +101,8 @@ class EngineSettings(_Strict):
     prefix_cache: ByteSize = Field(default=ByteSize(256 * 2**20))
     threads: int = Field(default=0, ge=0, le=1024)
     lean_decode: bool = True
+    #: Greedy answers independent of the batch in bf16 too (float32 and int8 always are): slower batches.
+    deterministic: bool = False
 
 
 class HubSettings(_Strict):

@@ -9,9 +9,8 @@ calls give, bit for bit.
 ``StepPlan`` is built once per model (every weight's address, checked once: dtypes, shapes, contiguity)
 and holds references to the tensors, so the addresses stay valid for as long as the plan lives.
 Unmerged adapter rows run inside the call (``StepAdapters``). The lean step keeps using the separate
-calls where the plan does not apply: biases, unfused q/k/v or gate/up, bf16 activations, float32
-products of more rows than the compiled kernel takes, a forward hook other than an adapter's (or any
-on the LM head), a GPU.
+calls where the plan does not apply: biases, unfused q/k/v or gate/up, bf16 activations, a forward
+hook other than an adapter's (or any on the LM head), a GPU.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engines.forward.kernels import DENSE_MAX_ROWS, NativeKernels, check_starts, is_float32_on_cpu
+from engines.forward.kernels import NativeKernels, check_starts, is_float32_on_cpu
 
 _LAYER_FIELDS = (
     "input_norm",
@@ -169,12 +168,6 @@ class StepPlan:
         self._lm_head = lm_head
         self.sizes = sizes
         self._table = (_StepLayer * len(layers))(*(_layer_struct(layer) for layer in layers))
-        products = [
-            lm_head,
-            *(p for layer in layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)),
-        ]
-        #: float32 products with more rows go to oneDNN, as in the separate-call step.
-        self.max_rows = DENSE_MAX_ROWS if any(p.scales is None for p in products) else None
         self._cache_key: tuple[int, ...] = ()
         self._keys: ctypes.Array[ctypes.c_void_p] | None = None
         self._values: ctypes.Array[ctypes.c_void_p] | None = None
@@ -232,9 +225,11 @@ class StepPlan:
         return cls(kernels, layers, final_norm, lm_head, sizes)
 
     def takes_rows(self, rows: int) -> bool:
-        """A first check, before the caller prepares the step's inputs: float32 products take at most
-        ``DENSE_MAX_ROWS`` rows (oneDNN serves more)."""
-        return rows > 0 and (self.max_rows is None or rows <= self.max_rows)
+        """A first check, before the caller prepares the step's inputs: any number of rows.
+
+        Every row count goes through the same compiled products, oneDNN's faster float32 products at
+        many rows included, so that a row's logits do not depend on how many rows share its step."""
+        return rows > 0
 
     def takes(self, rows: int, keys: list[torch.Tensor], values: list[torch.Tensor], column: int) -> bool:
         """Whether a step of ``rows`` rows on this cache is what the compiled step reads and writes."""

@@ -42,7 +42,14 @@ static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
 /* One output channel n for MB rows (constants in each instantiation), U independent accumulators per
  * row to hide the FMA latency. The channel's weights are read front to back, one stream, so short rows
  * (576 columns) prefetch as well as long ones; the MB rows of x come from L1. SCALE is the channel's
- * factor (its int8 scale, or 1). */
+ * factor (its int8 scale, or 1).
+ * Every block size uses the same U, so a row's sum runs in the same order whichever block it falls in:
+ * a row's result does not depend on how many rows share the product (batch-invariant: a greedy answer
+ * is the same alone and in any batch). Two chains per row keep the FMAs ahead of the weights' memory
+ * stream, which bounds these products, and 4 rows x 2 leave registers for the weight vector; per-block
+ * counts (8, 4, 2 for 1, 2, 4 rows) were no faster and summed a row in another order at each size. */
+#define ACCUMULATORS 2
+
 #define BLOCK(NAME, WTYPE, LOAD, SCALE, MB, U)                                                       \
     static inline __attribute__((always_inline)) void NAME##_##MB(                                  \
         const float *x, const WTYPE *w, const uint16_t *scales, const float *add, float *out, long N, \
@@ -77,9 +84,9 @@ static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
 /* NAME shares the channels out among the threads of the enclosing parallel region (an orphaned
  * `omp for`, so decode_step runs it inside its one region; called outside any, it runs on one thread). */
 #define KERNEL(NAME, WTYPE, LOAD, SCALE)                                                              \
-    BLOCK(NAME, WTYPE, LOAD, SCALE, 1, 8)                                                            \
-    BLOCK(NAME, WTYPE, LOAD, SCALE, 2, 4)                                                            \
-    BLOCK(NAME, WTYPE, LOAD, SCALE, 4, 2)                                                            \
+    BLOCK(NAME, WTYPE, LOAD, SCALE, 1, ACCUMULATORS)                                                 \
+    BLOCK(NAME, WTYPE, LOAD, SCALE, 2, ACCUMULATORS)                                                 \
+    BLOCK(NAME, WTYPE, LOAD, SCALE, 4, ACCUMULATORS)                                                 \
     static void NAME(const float *x, const WTYPE *w, const uint16_t *scales, const float *add,       \
                      float *out, long M, long N, long K) {                                           \
         _Pragma("omp for schedule(static)")                                                          \

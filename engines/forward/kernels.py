@@ -37,14 +37,14 @@ from engines.paths import cache_home
 log = logging.getLogger("peft_gateway.native")
 
 SOURCE = Path(__file__).resolve().parent / "gemm.c"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+#: ``-ffp-contract=off``: the compiler may otherwise fuse a multiply and an add into one FMA in some
+#: instantiations of a kernel and not in others (the residual add after a 2-row block but not after a
+#: 1-row one), and a row's result would depend on how many rows share the product. The intrinsics'
+#: FMAs are explicit and unaffected.
+FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 LIBRARIES = ("-lm",)
 #: Set to ``0`` to keep torch's kernels (comparisons, or a machine where the build misbehaves).
 SWITCH = "PEFT_GATEWAY_NATIVE_KERNELS"
-#: float32 products with more rows than this stay with oneDNN, which catches up from about 32 rows
-#: (the compiled kernel still won at 16; figures in bench/README.md). int8 products have no limit:
-#: the compiled kernel beat torch's from 1 to 256 rows.
-DENSE_MAX_ROWS = 16
 
 
 def is_float32_on_cpu(tensor: torch.Tensor, shape: tuple[int, ...] | None = None) -> bool:
@@ -137,7 +137,7 @@ class NativeKernels:
     @staticmethod
     def takes_dense(x: torch.Tensor, weight: torch.Tensor) -> bool:
         """Whether ``dense`` computes this product (else the caller uses oneDNN or ``F.linear``)."""
-        return _plain(x, weight) and weight.dtype == torch.float32 and x.shape[0] <= DENSE_MAX_ROWS
+        return _plain(x, weight) and weight.dtype == torch.float32
 
     @staticmethod
     def takes_rms_norm(x: torch.Tensor, weight: torch.Tensor) -> bool:

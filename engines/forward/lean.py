@@ -70,7 +70,8 @@ ONEDNN_FLOAT32 = _onednn_float32_available()
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A float (not int8) projection of the step's ``[rows, hidden]`` activations.
 
-    float32 on CPU: the compiled kernel (``engines.forward.kernels``) for up to 16 rows, else oneDNN.
+    float32 on CPU: the compiled kernel (``engines.forward.kernels``, any number of rows: one kernel
+    whatever the batch, so a row's result does not depend on it), else oneDNN (no compiler or AVX2).
     """
     kernels = NativeKernels.load()
     if kernels is not None and kernels.takes_dense(x, weight):

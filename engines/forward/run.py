@@ -13,6 +13,8 @@ import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
+import torch
+
 from engines.forward.kvcache import BatchKVCache
 from engines.forward.lean import LeanDecoder
 
@@ -45,7 +47,6 @@ def decode_kernels(dtype: Any, device: Any, rows: int) -> Iterator[None]:
     The switch is process-wide (torch has no per-call choice), so only the engine thread, which runs
     every forward pass, may use it; the previous setting is restored on exit.
     """
-    import torch
 
     if rows >= ONEDNN_MIN_ROWS_BF16 or dtype != torch.bfloat16 or torch.device(device).type != "cpu":
         yield
@@ -99,8 +100,17 @@ def decode(
     kv: BatchKVCache,
     ids: Any,
     positions: Any,
+    *,
+    deterministic: bool = False,
 ) -> Any:
-    """Logits ``[rows, vocab]`` for one new token per row, by the lean step where the model has one."""
+    """Logits ``[rows, vocab]`` for one new token per row, by the lean step where the model has one.
+
+    float32 and int8 steps are batch-invariant as they are (the compiled products sum each row in one
+    order at any row count). torch's bf16 kernels are not: with ``deterministic``, a bf16 (or float16)
+    step of the lean architectures runs row by row instead (``_each_row_alone``).
+    """
+    if deterministic and decoder is not None and kv.dtype not in (torch.float32, torch.float64):
+        return _each_row_alone(rows, decoder, kv, ids, positions)
     with adapter_rows(rows), decode_kernels(kv.dtype, kv.device, len(rows)):
         if decoder is not None:
             return decoder.step(ids, kv, positions)
@@ -113,3 +123,23 @@ def decode(
             **{cache_kwarg(model): kv},
         )
         return output.logits[:, -1]
+
+
+def _each_row_alone(
+    rows: Sequence[AdapterRow], decoder: LeanDecoder, kv: BatchKVCache, ids: Any, positions: Any
+) -> Any:
+    """The step one row at a time, each on its own columns of the cache (no padding before it): every
+    row is computed exactly as it would be alone, whatever shares its batch, at the price of reading
+    the weights once per row (the figures are in bench/README.md)."""
+    logits = []
+    for row, sequence in enumerate(rows):
+        start = kv.starts[row]
+        keys = [layer[row : row + 1, :, start:] for layer in kv.keys]
+        values = [layer[row : row + 1, :, start:] for layer in kv.values]
+        with adapter_rows([sequence]), decode_kernels(kv.dtype, kv.device, 1):
+            logits.append(
+                decoder.forward(
+                    ids[row : row + 1], positions[row : row + 1], None, kv.length - start, keys, values
+                )
+            )
+    return torch.cat(logits)

@@ -20,6 +20,7 @@ from engines.adapters.variants import estimate_merge_bytes
 from engines.catalog import AdapterPolicy, AdapterSpec, BaseSpec, Catalog
 from engines.engine import Engine, EngineLimits
 from engines.errors import InsufficientMemory
+from engines.forward.kernels import NativeKernels
 from engines.loader import BasePlan, LoadedModel, load_base, plan_base_load
 from engines.memory import MemoryBudget, MemoryBudgets
 from engines.names import ModelName
@@ -89,7 +90,14 @@ def test_auto_dtype_is_float32_only_where_it_is_faster_and_fits(
     assert tight.dtype == "bfloat16" and "budget" in tight.dtype_reason
     assert tight.resident_bytes * 2 == roomy.resident_bytes
     monkeypatch.setattr(engines.devices, "cpu_has_native_bf16", lambda: True)
-    assert plan_base_load(spec, 2**40).dtype == "bfloat16"
+    monkeypatch.setattr(NativeKernels, "load", lambda: object())
+    # Native bf16, but the compiled float32 step is there: float32, where it fits.
+    native = plan_base_load(spec, 2**40)
+    assert native.dtype == "float32" and "compiled float32 step" in native.dtype_reason
+    assert plan_base_load(spec, roomy.resident_bytes).dtype == "bfloat16"
+    monkeypatch.setattr(NativeKernels, "load", lambda: None)  # no compiler: torch's bf16 kernels are faster
+    without = plan_base_load(spec, 2**40)
+    assert without.dtype == "bfloat16" and "native bf16" in without.dtype_reason
 
 
 def test_the_dtype_choice_and_its_reason_are_kept_on_the_loaded_model(

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engines.forward.int8 import dequantize, int8_matmul
-from engines.forward.kernels import DENSE_MAX_ROWS, SWITCH, NativeKernels, build
+from engines.forward.kernels import SWITCH, NativeKernels, build
 
 needs_compiler = pytest.mark.skipif(
     shutil.which("cc") is None or torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
@@ -121,11 +121,41 @@ def test_native_dense_kernel_gives_the_float32_product(fresh_kernel: None, rows:
 
 
 @needs_compiler
-def test_many_rows_and_other_dtypes_keep_torchs_dense_products(fresh_kernel: None) -> None:
+@pytest.mark.parametrize("kind", ["float32", "int8"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_a_rows_product_does_not_depend_on_the_rows_beside_it(
+    fresh_kernel: None, kind: str, with_residual: bool
+) -> None:
+    """Bit for bit, whatever block of rows it falls in: greedy answers must not change with the batch."""
+    kernels = NativeKernels.load()
+    assert kernels is not None
+    x, qweight, scales = int8_operands(9, 40, 136)  # 136 columns: the kernel's tail loop runs too
+    weight = torch.randn(40, 136, generator=torch.Generator().manual_seed(7))
+    residual = torch.randn(9, 40) if with_residual else None
+
+    def product(rows: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
+        if kind == "int8":
+            return kernels.int8(rows, qweight, scales, add=add)
+        return kernels.dense(rows, weight, add=add)
+
+    alone = [
+        product(x[r : r + 1].clone(), residual[r : r + 1].clone() if residual is not None else None)[0]
+        for r in range(9)
+    ]
+    for rows in range(1, 10):
+        together = product(x[:rows].clone(), residual[:rows].clone() if residual is not None else None)
+        for r in range(rows):
+            assert torch.equal(together[r], alone[r]), (rows, r)
+
+
+@needs_compiler
+def test_other_dtypes_keep_torchs_dense_products_and_many_rows_take_the_compiled_one(
+    fresh_kernel: None,
+) -> None:
     kernels = NativeKernels.load()
     assert kernels is not None
     weight = torch.randn(24, 96)
-    assert not kernels.takes_dense(torch.randn(DENSE_MAX_ROWS + 1, 96), weight)
+    assert kernels.takes_dense(torch.randn(64, 96), weight)  # one kernel at every batch size
     assert not kernels.takes_dense(torch.randn(2, 96).bfloat16(), weight.bfloat16())
     assert not kernels.takes_dense(torch.randn(2, 1, 96), weight)  # 3-D: transformers' own forward
 

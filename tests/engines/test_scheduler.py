@@ -129,6 +129,8 @@ def test_long_prompt_is_prefilled_in_chunks(tiny_models: TinyModels) -> None:
 
 def test_prefix_reuse_never_changes_an_answer_and_is_per_model(engine: Engine) -> None:
     system = "You are a terse assistant who answers in one line. " * 3
+    # Prefixes are reused in whole prefill chunks: small ones, so the shared system prompt spans several.
+    engine.scheduler.prefill_chunk = 32
 
     async def scenario() -> None:
         engine.scheduler.prefix_cache_bytes = 0
@@ -144,7 +146,7 @@ def test_prefix_reuse_never_changes_an_answer_and_is_per_model(engine: Engine) -
         variant = (await engine.acquire("tiny+lora")).loaded
         assert base.prefix_cache is not variant.prefix_cache
         assert base.prefix_cache.hits >= 1 and variant.prefix_cache.hits >= 1
-        assert base.prefix_cache.reused_tokens >= len(system) - 1
+        assert base.prefix_cache.reused_tokens >= len(system) - engine.scheduler.prefill_chunk
 
     asyncio.run(scenario())
 
