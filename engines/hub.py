@@ -62,16 +62,19 @@ ADAPTER_FILES = (
     "added_tokens.json",
     "*.model",
 )
+#: A base's files, weights as safetensors only: a repo that also ships ``*.bin`` copies of them (Llama-2
+#: does) must not cost a second download of the model. ``BASE_PICKLE_FILES`` are fetched only for a repo
+#: without safetensors weights (see ``engines.loader.base_folder``).
 BASE_FILES = (
     "*.json",
     "*.safetensors",
-    "*.bin",
     "*.model",
     "*.txt",
     "*.jinja",
     "*.py",
     "tokenizer*",
 )
+BASE_PICKLE_FILES = ("*.bin",)
 
 
 class _DeadlineExceeded(Exception):
@@ -140,10 +143,13 @@ class HubFetcher:
         what: str = "adapter",
         endpoint: str | None = None,
         cache_dir: str | Path | None = None,
+        deadline: bool = True,
     ) -> Path:
         """Download (or find in the cache) ``repo_id`` at ``revision``; typed errors instead of HTTP ones.
 
         ``endpoint`` and ``cache_dir`` default to ``huggingface_hub``'s own (``HF_ENDPOINT``, ``HF_HUB_CACHE``).
+        ``deadline=False`` (base models: many GB) waits without ``timeout``, but still ends at
+        :meth:`cancel`, so a stalled base download does not hold shutdown either.
         """
         from huggingface_hub import constants, snapshot_download
         from huggingface_hub.file_download import repo_folder_name
@@ -173,7 +179,8 @@ class HubFetcher:
             )
 
         try:
-            folder = Path(self._run(download, str(repo_folder), name=f"hub fetch {label}"))
+            timeout = self.timeout if deadline else None
+            folder = Path(self._run(download, str(repo_folder), name=f"hub fetch {label}", timeout=timeout))
         except _Cancelled as exc:
             raise FetchCancelled(
                 f"The gateway is shutting down; the fetch of {what} '{label}' was cancelled."
@@ -222,7 +229,7 @@ class HubFetcher:
 
     # ------------------------------------------------------------------ waiting with deadline and cancel
 
-    def _run(self, fn: Callable[[], T], repo_folder: str, *, name: str) -> T:
+    def _run(self, fn: Callable[[], T], repo_folder: str, *, name: str, timeout: float | None) -> T:
         """``fn()`` on a daemon thread; give up at the deadline or on :meth:`cancel` (it then finishes alone)."""
         outcome: dict[str, Any] = {}
         wake = threading.Event()
@@ -251,7 +258,7 @@ class HubFetcher:
             threading.Thread(target=work, name=name, daemon=True).start()
             if self.cancelled:
                 wake.set()
-            wake.wait(self.timeout)
+            wake.wait(timeout)
         finally:
             with self._lock:
                 self._waiting.discard(wake)

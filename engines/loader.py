@@ -72,7 +72,7 @@ class BasePlan:
     peak_bytes: int
 
 
-def plan_base_load(spec: BaseSpec, room: int | None) -> BasePlan:
+def plan_base_load(spec: BaseSpec, room: int | None, fetcher: hub.HubFetcher | None = None) -> BasePlan:
     """Find the base's files and choose its dtype for ``room`` bytes of budget (``None``: unlimited).
 
     On a CPU, ``auto`` picks float32 wherever it fits with room to serve (a full-context KV cache and
@@ -83,7 +83,7 @@ def plan_base_load(spec: BaseSpec, room: int | None) -> BasePlan:
     deterministic``). Otherwise bf16 where the CPU has it natively, else the checkpoint's own half
     precision (bf16 for a float32 checkpoint). The reason is kept for the log and ``/v1/models``.
     """
-    folder = base_folder(spec)
+    folder = base_folder(spec, fetcher)
     try:
         facts = checkpoint_facts(folder)
     except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
@@ -156,17 +156,35 @@ def dtype_name(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def base_folder(spec: BaseSpec) -> Path:
-    """The local folder of a base: the configured folder, or a Hub snapshot in the HF cache."""
+def base_folder(spec: BaseSpec, fetcher: hub.HubFetcher | None = None) -> Path:
+    """The local folder of a base: the configured folder, or a Hub snapshot in the HF cache.
+
+    A base is fetched with no deadline (it can be many GB), through ``fetcher`` where given (the
+    engine's, so that shutdown cancels a stalled download), else a one-off fetcher (``pull``).
+    """
     local = Path(spec.source).expanduser()
     if local.is_dir():
         return local
     if local.is_absolute() or spec.source.startswith((".", "~")):
         log.error("base model folder %r of %s does not exist", spec.source, spec.name)
         raise ModelLoadFailed(f"The folder configured for base model '{spec.name}' does not exist.")
-    return hub.snapshot(
-        spec.source, revision=spec.revision, allow_patterns=hub.BASE_FILES, token=spec.token, what="model"
-    )
+    fetch = fetcher or hub.HubFetcher(negative_ttl=0)
+
+    def snapshot(patterns: tuple[str, ...]) -> Path:
+        return fetch.snapshot(
+            spec.source,
+            revision=spec.revision,
+            allow_patterns=patterns,
+            token=spec.token,
+            what="model",
+            deadline=False,
+        )
+
+    folder = snapshot(hub.BASE_FILES)
+    if any(folder.glob("*.safetensors")):
+        return folder
+    # No safetensors weights: an older checkpoint that ships only pickle ones.
+    return snapshot((*hub.BASE_FILES, *hub.BASE_PICKLE_FILES))
 
 
 def load_base(spec: BaseSpec, plan: BasePlan | None = None) -> LoadedModel:

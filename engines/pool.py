@@ -215,7 +215,7 @@ class ModelPool:
         async def load() -> LoadedModel:
             budget = self.budgets.for_device(spec.device)
             room = None if budget.unlimited else budget.total - budget.kv - self._held_in_use(spec.device)
-            plan = await run_on_own_thread(plan_base_load, spec, room)
+            plan = await run_on_own_thread(plan_base_load, spec, room, self.fetcher)
             self.make_room(spec.name, plan.peak_bytes, spec.device, what=f"as {plan.dtype}")
             return await run_on_own_thread(self._base_loader, spec, plan)
 

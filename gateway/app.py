@@ -121,16 +121,33 @@ def local_engine(settings: Settings, metrics: GatewayMetrics) -> Engine:
     return engine
 
 
-async def cancel_fetches_on_exit(engine: AnyEngine, poll: float = 0.25) -> None:
-    """On SIGTERM, stop waiting on the Hub at once.
+def exit_requested(app: Starlette) -> bool:
+    """Whether the server running ``app`` has been told to stop (SIGTERM, SIGINT).
 
-    uvicorn runs the lifespan's shutdown only after connections drain, and a request waiting on a
-    stalled Hub fetch would hold that for up to ``[hub] fetch_timeout``. sse-starlette records the
-    signal (``AppStatus.should_exit``) as soon as uvicorn receives it.
+    ``peft-gateway serve`` puts its ``uvicorn.Server`` on ``app.state.server`` (``gateway.serving.serve``),
+    whose ``should_exit`` uvicorn's own signal handler sets. sse-starlette's ``AppStatus.should_exit``
+    alone is not enough: only sse-starlette's patch of ``uvicorn.Server.handle_exit`` sets it, and that
+    patch is installed when ``sse_starlette.sse`` is first imported, which here happens lazily, after
+    uvicorn has bound the unpatched handler to the signals. SIGTERM then never set it, and a request
+    waiting on a stalled Hub held shutdown until uvicorn's backstop (``timeout_graceful_shutdown``, 40 s
+    with the default grace), which cut it with a bare 500. It is still honoured for hosts that set it.
     """
     from sse_starlette.sse import AppStatus
 
-    while not AppStatus.should_exit:
+    server = getattr(app.state, "server", None)
+    return bool(AppStatus.should_exit or getattr(server, "should_exit", False))
+
+
+async def cancel_fetches_on_exit(
+    engine: AnyEngine, exit_requested: Callable[[], bool], poll: float = 0.1
+) -> None:
+    """As soon as ``exit_requested()``, stop waiting on the Hub.
+
+    uvicorn runs the lifespan's shutdown only after connections drain, and a request waiting on a
+    stalled Hub fetch would hold that for up to ``[hub] fetch_timeout``; cancelling the fetches answers
+    it at once (503 ``fetch_cancelled``), so the process exits long before ``[server] shutdown_grace``.
+    """
+    while not exit_requested():
         await asyncio.sleep(poll)
     engine.cancel_fetches()
 
@@ -147,7 +164,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory = local_engine)
             max_workers=PROMPT_WORKERS, thread_name_prefix="peft-gateway-prompt"
         )
         app.state.prompt_workers = prompt_workers
-        watcher = asyncio.ensure_future(cancel_fetches_on_exit(engine))
+        watcher = asyncio.ensure_future(cancel_fetches_on_exit(engine, lambda: exit_requested(app)))
         try:
             yield
         finally:

@@ -242,11 +242,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from gateway.app import create_app
     from gateway.logs import configure_logging
-    from gateway.serving import uvicorn_options
+    from gateway.serving import exit_past_blocked_threads, serve
 
     settings = load_settings(args.config)
     overrides = {"host": args.host, "port": args.port, "log_format": args.log_format}
@@ -266,8 +264,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    uvicorn.run(app, **uvicorn_options(server))
-    return EXIT_OK
+    code = serve(app, server)
+    exit_past_blocked_threads(code)
+    return code
 
 
 def _serve_on_ray(settings: Settings, address: str) -> int:

@@ -4,15 +4,32 @@ uvicorn closes idle keep-alive connections but has no timeout for a client that 
 sends its headers slowly or never (slowloris); such connections would be held for ever. The protocol
 class below closes a connection whose request headers have not arrived ``header_timeout`` seconds after
 it opened or after its previous response.
+
+:func:`serve` runs the app under its own ``uvicorn.Server`` and hands that server to the app, so the app
+sees the exit signal the moment uvicorn does (``gateway.app.exit_requested``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import math
-from typing import Any
+import os
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, Any
 
 from gateway.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
+
+log = logging.getLogger("peft_gateway.serving")
+
+#: uvicorn's exit code for a server that never started (``uvicorn.run`` exits with it too).
+STARTUP_FAILURE = 3
 
 
 def header_timeout_protocol(seconds: float) -> type[asyncio.Protocol]:
@@ -71,3 +88,68 @@ def uvicorn_options(server: ServerSettings) -> dict[str, Any]:
         "access_log": False,
         "server_header": False,
     }
+
+
+def serve(app: Starlette, server: ServerSettings) -> int:
+    """Run ``app`` under uvicorn until a signal stops it; the exit code (0, or :data:`STARTUP_FAILURE`).
+
+    Like ``uvicorn.run``, except that the ``uvicorn.Server`` is put on ``app.state.server`` first: its
+    ``should_exit`` is what the app watches to cancel Hub fetches as SIGTERM arrives, since
+    sse-starlette's own flag is not set by a signal here (see ``gateway.app.exit_requested``).
+
+    A thread still blocked in a Hub download may outlive this; see :func:`exit_past_blocked_threads`.
+    """
+    import uvicorn
+
+    runner = uvicorn.Server(uvicorn.Config(app, **uvicorn_options(server)))
+    app.state.server = runner
+    with contextlib.suppress(KeyboardInterrupt):  # SIGINT, re-raised by uvicorn once it has shut down
+        runner.run()
+    return 0 if runner.started else STARTUP_FAILURE
+
+
+def exit_past_blocked_threads(code: int, wait: float = 1.0) -> None:
+    """End the process with ``code`` now if threads Python would join at exit are still running.
+
+    A cancelled Hub fetch stops being waited for, but the download under it goes on: ``snapshot_download``
+    reads files on a ``ThreadPoolExecutor`` of its own, whose workers Python joins at exit (daemon or
+    not), and a worker blocked on a silent socket holds that for ``huggingface_hub``'s own timeouts and
+    retries (minutes). uvicorn re-raises the SIGTERM it caught after shutting down, which kills an ordinary
+    process before that join, but the gateway is PID 1 in its container (the Dockerfile's ``ENTRYPOINT``),
+    and the kernel ignores a signal whose action is the default there: the process would go on to
+    Python's exit and wait until Kubernetes' SIGKILL. By now the app has shut down (responses sent, the
+    engine closed), so nothing is lost by not waiting: the interrupted download's ``.incomplete`` file is
+    removed by the next fetch of that repo. Threads that end within ``wait`` seconds (idle pool workers
+    winding down) end normally.
+    """
+    deadline = time.monotonic() + wait
+    for thread in _joined_at_exit():
+        thread.join(max(deadline - time.monotonic(), 0))
+    blocked = _joined_at_exit()
+    if not blocked:
+        return
+    log.warning(
+        "exiting without waiting for %d thread(s) still blocked (%s)",
+        len(blocked),
+        ", ".join(sorted({thread.name for thread in blocked})),
+    )
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _joined_at_exit() -> list[threading.Thread]:
+    """The live threads besides this one that Python's exit would wait for.
+
+    Those are the non-daemon threads, and every worker of a ``concurrent.futures`` thread pool, daemon
+    or not: the pool's exit hook joins them all (a worker started from a daemon thread, as
+    ``snapshot_download``'s are from the fetcher's, is a daemon and still joined). The pool's registry is
+    private; should it move, only its workers are missed here.
+    """
+    import concurrent.futures.thread as pool_threads
+
+    current = threading.current_thread()
+    workers = list(getattr(pool_threads, "_threads_queues", {}).keys())
+    candidates = {*(t for t in threading.enumerate() if not t.daemon), *workers}
+    return [t for t in candidates if t is not current and t.is_alive()]

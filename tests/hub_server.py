@@ -27,8 +27,10 @@ Typical use::
         hub.heal("org/adapter")
         hub.downloads("org/adapter")                   # filenames fetched with GET /resolve
 
-Bind address is 127.0.0.1 on a free port; stalls are bounded (at most ``MAX_STALL_S``) and are cut short
-when the server stops, so a test can never hang on it.
+Bind address is 127.0.0.1 on a free port; stalls are bounded (at most ``MAX_STALL_S``, or until
+:meth:`HubServer.heal` for ``stall_s=None``) and are cut short when the server stops, so a test can never
+hang on it. :meth:`HubServer.stalled` counts the requests a stall holds right now, so a test can wait for a
+client to be stuck (a state) instead of sleeping.
 
 ``huggingface_hub`` reads ``HF_ENDPOINT``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE`` and its timeouts into
 ``huggingface_hub.constants`` once, at import; :func:`use_hub_server` patches those constants (and the
@@ -42,6 +44,7 @@ import hashlib
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -114,11 +117,13 @@ class Fault:
     on: str = "all"
     files: tuple[str, ...] = ()
     times: int | None = None
-    stall_s: float = 3.0
+    stall_s: float | None = 3.0
     keep_bytes: int | None = None
     error_code: str | None = None
     error_message: str | None = None
     hits: int = 0
+    #: Set by :meth:`HubServer.heal`: requests this fault is stalling are let go.
+    released: threading.Event = field(default_factory=threading.Event)
 
     def matches(self, kind: str, method: str, filename: str | None) -> bool:
         if self.times is not None and self.hits >= self.times:
@@ -163,6 +168,7 @@ class HubServer:
         self._repos: dict[str, Repo] = {}
         self._faults: dict[str, list[Fault]] = {}
         self._requests: list[RecordedRequest] = []
+        self._stalled: dict[str, int] = {}
         self._stopping = threading.Event()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -274,7 +280,7 @@ class HubServer:
         on: str = "all",
         files: Iterable[str] = (),
         times: int | None = None,
-        stall_s: float = 3.0,
+        stall_s: float | None = 3.0,
         keep_bytes: int | None = None,
         error_code: str | None = None,
         error_message: str | None = None,
@@ -295,7 +301,8 @@ class HubServer:
           - ``corrupt``: a file GET is complete and as announced (size, ``ETag``, ``X-Linked-Etag``, the
             listed ``lfs.sha256``) but its bytes are other ones (each byte inverted): a tampering proxy;
           - ``stall``: accept the request, answer nothing for ``stall_s`` seconds (bounded by
-            ``MAX_STALL_S``), then close the connection.
+            ``MAX_STALL_S``), then close the connection; ``stall_s=None`` holds it until :meth:`heal` or
+            :meth:`stop`, for a test whose client must still be waiting however slow the machine is.
 
         ``on`` limits the fault to some requests: ``all``, ``api`` (info + tree), ``info``, ``tree``,
         ``resolve`` (HEAD + GET of files), ``head`` or ``get``; ``files`` to filenames matching one of the
@@ -318,7 +325,7 @@ class HubServer:
             on=on,
             files=tuple(files),
             times=times,
-            stall_s=min(max(stall_s, 0.0), MAX_STALL_S),
+            stall_s=None if stall_s is None else min(max(stall_s, 0.0), MAX_STALL_S),
             keep_bytes=keep_bytes,
             error_code=error_code,
             error_message=error_message,
@@ -327,12 +334,37 @@ class HubServer:
             self._faults.setdefault(repo_id, []).append(fault)
 
     def heal(self, repo_id: str | None = None) -> None:
-        """Remove the faults of ``repo_id`` (of every repo when ``None``)."""
+        """Remove the faults of ``repo_id`` (of every repo when ``None``); their stalls end now."""
         with self._lock:
             if repo_id is None:
+                removed = [fault for faults in self._faults.values() for fault in faults]
                 self._faults.clear()
             else:
-                self._faults.pop(repo_id, None)
+                removed = self._faults.pop(repo_id, [])
+        for fault in removed:
+            fault.released.set()
+
+    def stalled(self, repo_id: str | None = None) -> int:
+        """How many requests (for ``repo_id``, or any) a ``stall`` fault is holding right now."""
+        with self._lock:
+            if repo_id is None:
+                return sum(self._stalled.values())
+            return self._stalled.get(repo_id, 0)
+
+    def _stall(self, repo_id: str, fault: Fault) -> None:
+        """Hold the request for ``fault.stall_s`` (``None``: until healed), or until the server stops."""
+        deadline = None if fault.stall_s is None else time.monotonic() + fault.stall_s
+        with self._lock:
+            self._stalled[repo_id] = self._stalled.get(repo_id, 0) + 1
+        try:
+            while not self._stopping.is_set() and not fault.released.is_set():
+                left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+                if left <= 0:
+                    break
+                self._stopping.wait(left)
+        finally:
+            with self._lock:
+                self._stalled[repo_id] -= 1
 
     def _take_fault(self, repo_id: str | None, kind: str, method: str, filename: str | None) -> Fault | None:
         if repo_id is None:
@@ -453,8 +485,8 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
                 fault = server._take_fault(repo_id, kind, method, filename)
                 if fault is not None:
                     self._fault_name = fault.mode
-                if fault is not None and fault.mode == "stall":
-                    server._stopping.wait(fault.stall_s)
+                if fault is not None and fault.mode == "stall" and repo_id is not None:
+                    server._stall(repo_id, fault)
                     self._drop()
                 elif fault is not None and fault.mode not in BODY_MODES:
                     self._send_fault(fault, method)
