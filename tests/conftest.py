@@ -73,10 +73,16 @@ class RunningServer:
 
 @pytest.fixture(scope="session")
 def start_server() -> Iterator[object]:
-    """Start real uvicorn servers in threads; all are stopped at the end of the session."""
+    """Start real uvicorn servers in threads; all are stopped at the end of the session.
+
+    Each runs with the options ``peft-gateway serve`` gives uvicorn (``uvicorn_options``: the header
+    timeout protocol, keep-alive, connection limit, graceful shutdown), only on a free port, and with the
+    server on ``app.state.server`` as ``serve`` puts it there.
+    """
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.serving import uvicorn_options
     from gateway.settings import Settings
 
     servers: list[tuple[uvicorn.Server, threading.Thread]] = []
@@ -84,8 +90,10 @@ def start_server() -> Iterator[object]:
     def start(settings: Settings) -> RunningServer:
         app = create_app(settings)
         port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        options = {**uvicorn_options(settings.server), "host": "127.0.0.1", "port": port}
+        config = uvicorn.Config(app, **options, log_level="warning", lifespan="on")
         server = uvicorn.Server(config)
+        app.state.server = server
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         deadline = time.monotonic() + 30
