@@ -14,17 +14,20 @@ from tests.e2e.conftest import tiny_settings
 
 pytestmark = pytest.mark.e2e
 
+#: The tiny model served with this context: ``LONG`` runs for minutes, longer than any test waits, so a
+#: generation that ends while a test watches was cancelled (or timed out), never finished by itself.
+CONTEXT = 16384
 LONG = {
     "model": "tiny",
     "messages": [{"role": "user", "content": "Go on forever"}],
-    "max_tokens": 480,
+    "max_tokens": CONTEXT - 64,
     "ignore_eos": True,
 }
 
 
 def make_server(start_server: Any, models: TinyModels, **server: Any) -> RunningServer:
     settings = tiny_settings(models)
-    long_context = ModelSettings(source=str(models.base), dtype="float32", context_length=512)
+    long_context = ModelSettings(source=str(models.base), dtype="float32", context_length=CONTEXT)
     settings = settings.model_copy(
         update={"models": {"tiny": long_context}, "server": settings.server.model_copy(update=server)}
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -103,8 +102,13 @@ def chat_openai(loopback_only: list[Any]) -> Any:
 
 
 def test_litellm_import_reads_the_bundled_cost_map(litellm: Any) -> None:
-    assert os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] == "True"
+    from litellm.litellm_core_utils.get_model_cost_map import get_model_cost_map_source_info
+
     assert litellm.model_cost, "the bundled model-cost map was not loaded"
+    # Where litellm says its map came from: the bundled file, by choice, not a failed download's fallback.
+    source = get_model_cost_map_source_info()
+    assert source["source"] == "local" and source["url"] is None, source
+    assert source["is_env_forced"] is True and source["fallback_reason"] is None, source
 
 
 # ---------------------------------------------------------------------------------------------- LangChain

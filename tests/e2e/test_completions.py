@@ -45,9 +45,11 @@ def test_echo_prepends_prompt(tiny_server: RunningServer) -> None:
 
 def test_prompt_list_and_n_give_prompt_major_indexes(tiny_server: RunningServer) -> None:
     reply = client(tiny_server).completions.create(
-        model="tiny", prompt=["one", "two"], n=2, max_tokens=3, temperature=1, seed=5
+        model="tiny", prompt=["one", "two"], n=2, max_tokens=3, temperature=1, seed=5, echo=True
     )
-    assert sorted(c.index for c in reply.choices) == [0, 1, 2, 3]
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    # Prompt-major: index i answers prompt i // n (echo shows which prompt each choice continues).
+    assert [c.text[:3] for c in reply.choices] == ["one", "one", "two", "two"]
 
 
 def test_token_id_prompt_is_accepted_and_out_of_vocab_refused(tiny_server: RunningServer) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import RunningServer, TinyModels
@@ -84,11 +84,15 @@ JSON_VALUES = st.recursive(
 
 TEXTS = st.text(max_size=40)
 STOPS = st.none() | st.text(min_size=1, max_size=4) | st.lists(st.text(min_size=1, max_size=4), max_size=4)
-LOGIT_BIAS = st.dictionaries(
-    st.integers(min_value=0, max_value=VOCAB - 1).map(str),
-    st.floats(min_value=-100, max_value=100),
-    max_size=3,
+#: Token ids in the vocabulary and outside it (negative, just past its end, far past it): an id outside
+#: is a 400 naming logit_bias, and the engine serves on.
+TOKEN_IDS = (
+    st.integers(min_value=0, max_value=VOCAB - 1)
+    | st.integers(min_value=VOCAB, max_value=VOCAB + 8)
+    | st.integers(min_value=-(2**64), max_value=-1)
+    | st.integers(min_value=VOCAB, max_value=2**64)
 )
+LOGIT_BIAS = st.dictionaries(TOKEN_IDS.map(str), st.floats(min_value=-100, max_value=100), max_size=3)
 
 SAMPLING_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "temperature": st.floats(min_value=0, max_value=2),
@@ -184,15 +188,11 @@ def mutated(draw: st.DrawFn, bodies: st.SearchStrategy[dict[str, Any]]) -> dict[
     return tame(body)
 
 
-_TOKEN_ID = re.compile(r"-?[0-9]+")
-
-
 def tame(body: dict[str, Any]) -> dict[str, Any]:
     """Keep a mutated body cheap to serve and clear of known, separately tested failures.
 
     A token limit that is valid and large would turn one example into a long generation, so it is made
-    invalid instead; a chat body without any limit gets a small one. A ``logit_bias`` id outside the
-    vocabulary is left out: it kills the engine thread (an engine bug, xfailed in test_parameters.py).
+    invalid instead; a chat body without any limit gets a small one.
     """
     for key in ("max_tokens", "max_completion_tokens"):
         value = body.get(key)
@@ -200,11 +200,6 @@ def tame(body: dict[str, Any]) -> dict[str, Any]:
             body[key] = 10**7
     if "messages" in body and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
         body["max_completion_tokens"] = MAX_TOKENS
-    bias = body.get("logit_bias")
-    if isinstance(bias, dict):
-        body["logit_bias"] = {
-            k: v for k, v in bias.items() if not (_TOKEN_ID.fullmatch(k) and not 0 <= int(k) < VOCAB)
-        }
     return body
 
 
@@ -272,26 +267,56 @@ def assert_completion(path: str, response: httpx.Response) -> None:
     )
 
 
+_TOKEN_ID = re.compile(r"-?[0-9]+")
+
+
+def outside_vocab(body: bytes) -> bool:
+    """Whether ``body`` has a ``logit_bias`` naming a token id outside the tiny model's vocabulary."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return False
+    bias = parsed.get("logit_bias") if isinstance(parsed, dict) else None
+    return isinstance(bias, dict) and any(
+        _TOKEN_ID.fullmatch(key) and not 0 <= int(key) < VOCAB for key in bias
+    )
+
+
 def check(http: httpx.Client, path: str, body: bytes, content_type: str = "application/json") -> None:
     headers = {"content-type": content_type} if content_type else {}
     response = http.post(path, content=body, headers=headers)
     assert response.status_code < 500, (response.status_code, body[:300], response.text[:300])
     assert response.headers.get("x-request-id")
     if response.status_code == 200:
+        assert not outside_vocab(body), body[:300]  # such a bias is refused, never generated with
         assert_completion(path, response)
     else:
         assert 400 <= response.status_code < 500, response.status_code
         assert_openai_error(response)
 
 
+#: Bodies every fuzzing run sends, whatever hypothesis draws: logit_bias ids outside the vocabulary.
+OUT_OF_VOCAB_CHAT = {
+    "model": "tiny",
+    "messages": [{"role": "user", "content": "Hi"}],
+    "max_tokens": 2,
+    "logit_bias": {str(VOCAB): 5, "-1": -5, str(2**70): 1},
+}
+OUT_OF_VOCAB_TEXT = {"model": "tiny", "prompt": "Hi", "max_tokens": 2, "logit_bias": {"1": 2, str(VOCAB): 5}}
+
+
 @FUZZ_SETTINGS
 @given(body=chat_cases())
+@example(body=json.dumps(OUT_OF_VOCAB_CHAT).encode())
+@example(body=json.dumps({**OUT_OF_VOCAB_CHAT, "stream": True, "n": 2}).encode())
 def test_fuzzed_chat_bodies(http: httpx.Client, body: bytes) -> None:
     check(http, CHAT, body)
 
 
 @FUZZ_SETTINGS
 @given(body=text_cases())
+@example(body=json.dumps(OUT_OF_VOCAB_TEXT).encode())
+@example(body=json.dumps({**OUT_OF_VOCAB_TEXT, "stream": True, "prompt": ["a", "b"]}).encode())
 def test_fuzzed_completion_bodies(http: httpx.Client, body: bytes) -> None:
     check(http, TEXT, body)
 
@@ -346,6 +371,10 @@ def _spliced(base: dict[str, Any], fragment: str) -> str:
         # "²".isdigit() is true but int("²") fails: a logit_bias key like that was a 500.
         (CHAT, _with(HI, logit_bias={"\u00b2": 1}), "logit_bias", None),
         (CHAT, _with(HI, logit_bias={"\u0663": 1}), "logit_bias", None),
+        # A logit_bias id outside the vocabulary reached the sampler and ended the engine thread.
+        (CHAT, _with(HI, logit_bias={str(VOCAB): 1}), "logit_bias", None),
+        (CHAT, _with(HI, logit_bias={"-1": 1}), "logit_bias", None),
+        (TEXT, _with(PROMPT_HI, logit_bias={str(2**70): -1}), "logit_bias", None),
         # NaN and Infinity are not JSON (Python's parser takes them).
         (CHAT, _spliced(HI, '"temperature": NaN'), None, "invalid_json"),
         (TEXT, _spliced(PROMPT_HI, '"logit_bias": {"1": -Infinity}'), None, "invalid_json"),

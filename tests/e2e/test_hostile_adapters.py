@@ -20,7 +20,7 @@ import pytest
 
 from gateway.settings import HubSettings
 from tests.conftest import RunningServer, TinyModels
-from tests.e2e.conftest import tiny_settings
+from tests.e2e.conftest import ADMIN, tiny_settings
 from tests.hub_server import HubServer, use_hub_server
 
 pytestmark = pytest.mark.e2e
@@ -78,6 +78,13 @@ def online(monkeypatch: pytest.MonkeyPatch, hub: HubServer, tmp_path: Path) -> P
     return use_hub_server(monkeypatch, hub, tmp_path / "hf")
 
 
+def unload(gateway: RunningServer, model: str) -> None:
+    """Unload ``model`` through the admin route, which must say it did."""
+    response = httpx.post(f"{gateway.v1}/unload_model", json={"model": model}, headers=ADMIN, timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"id": model, "unloaded": True, "freed": True}
+
+
 def chat(gateway: RunningServer, model: str) -> httpx.Response:
     return httpx.post(
         f"{gateway.v1}/chat/completions",
@@ -116,7 +123,7 @@ def test_a_hostile_config_in_the_hf_cache_does_not_break_model_listing(
     import engines.engine
 
     assert chat(gateway, f"tiny+{REPO}").status_code == 200  # one good adapter in the cache
-    httpx.post(f"{gateway.v1}/unload_model", json={"model": f"tiny+{REPO}"}, timeout=10)
+    unload(gateway, f"tiny+{REPO}")  # listed from here on only because the cache holds it
     for name, text in {
         "nested": '{"peft_type": "LORA", "r": ' + "[" * 100_000 + "]" * 100_000 + "}",
         "typed": json.dumps({"peft_type": "LORA", "r": 4, "target_modules": 5}),
@@ -127,8 +134,9 @@ def test_a_hostile_config_in_the_hf_cache_does_not_break_model_listing(
     monkeypatch.setattr(engines.engine, "CACHE_SCAN_SECONDS", 0.0)
     listed = httpx.get(f"{gateway.v1}/models", timeout=10)
     assert listed.status_code == 200, listed.text
-    ids = {m["id"] for m in listed.json()["data"]}
-    assert f"tiny+{REPO}" in ids and not {"tiny+test-org/nested", "tiny+test-org/typed"} & ids
+    rows = {m["id"]: m for m in listed.json()["data"]}
+    assert not {"tiny+test-org/nested", "tiny+test-org/typed"} & set(rows)
+    assert rows[f"tiny+{REPO}"]["loaded"] is False and rows[f"tiny+{REPO}"]["cached"] is True
 
 
 def test_models_list_and_errors_show_names_not_server_paths(
@@ -165,7 +173,7 @@ def test_wrong_bytes_from_the_hub_are_a_502_and_nothing_is_cached(
     assert not list(online.glob("models--test-org--tiny-lora/snapshots/*/adapter_model.safetensors"))
     hub.heal()
     assert chat(gateway, f"tiny+{REPO}@main").status_code == 200
-    httpx.post(f"{gateway.v1}/unload_model", json={"model": f"tiny+{REPO}@main"}, timeout=10)
+    unload(gateway, f"tiny+{REPO}@main")
 
 
 def test_an_unreachable_hub_is_a_502_the_sdk_does_not_retry(
@@ -223,13 +231,28 @@ def test_cancel_fetches_frees_a_request_waiting_on_a_stalled_hub(
 
     own: RunningServer = start_server(tiny_settings(tiny_models, hub=HubSettings(fetch_timeout=120)))
     assert chat(own, "tiny").status_code == 200  # base loaded: only the fetch is left to wait on
-    hub.fail(REPO, "stall", stall_s=5)
+    hub.fail(REPO, "stall", stall_s=None)  # held until healed: only the cancel can end the wait
     engine: Engine = own.app.state.engine  # type: ignore[attr-defined]
-    threading.Timer(0.5, engine.cancel_fetches).start()
-    started = time.monotonic()
-    refused = chat(own, f"tiny+{REPO}@stalled")
-    assert time.monotonic() - started < 3
+    answers: list[httpx.Response] = []
+    waiting = threading.Thread(target=lambda: answers.append(chat(own, f"tiny+{REPO}@stalled")))
+    waiting.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not hub.stalled(REPO):  # the fetch is at the Hub, waiting for an answer
+            assert waiting.is_alive() and time.monotonic() < deadline, answers
+            time.sleep(0.01)
+        cancelled = time.monotonic()
+        engine.cancel_fetches()
+        waiting.join(timeout=30)
+        assert answers, "cancel_fetches did not free the waiting request"
+        assert time.monotonic() - cancelled < 3
+        assert hub.stalled(REPO) == 1  # answered while the Hub still held the fetch
+    finally:
+        hub.heal()
+        waiting.join(timeout=30)
+    refused = answers[0]
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "fetch_cancelled"
+    assert "was cancelled" in refused.json()["error"]["message"]  # cut short, not refused up front
 
 
 class NotATensor:

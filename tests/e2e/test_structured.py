@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 from typing import Any, Literal
 
 import httpx
@@ -75,6 +77,7 @@ SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
 }
 RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "report", "schema": SCHEMA, "strict": True}}
+LONG_CONTEXT = 16384
 
 
 class Report(BaseModel):
@@ -97,6 +100,8 @@ def server(
             "hermes": ModelSettings(source=str(folder), dtype="float32"),
             "hermes-multi": ModelSettings(source=str(folder), dtype="float32", adapter_mode="multi"),
             "llama3": ModelSettings(source=str(folder), dtype="float32", tool_parser="llama3_json"),
+            # A context no test's stream reaches: a free row run up to it outlasts any other row.
+            "hermes-long": ModelSettings(source=str(folder), dtype="float32", context_length=LONG_CONTEXT),
         },
         adapters={
             "lora": AdapterSettings(source=str(adapter), base="hermes"),
@@ -159,28 +164,90 @@ def test_max_tokens_cutting_a_constrained_answer_finishes_with_length(client: op
     assert (response.choices[0].message.content or "").startswith("{")
 
 
+class FreeRow(threading.Thread):
+    """A free (unconstrained) streamed row that runs until stopped: ``ignore_eos`` up to a context it
+    never reaches. Read as it comes; ``ended`` keeps the frame if it ever ended by itself."""
+
+    def __init__(self, server: RunningServer) -> None:
+        super().__init__(daemon=True)
+        self.url = f"{server.v1}/chat/completions"
+        self.body = {
+            "model": "hermes-long",
+            "messages": ASK,
+            "max_tokens": LONG_CONTEXT - 64,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        self.text = ""
+        self.ended: Any = None
+        self.decoding = threading.Event()  # its first tokens came: it is in its batch
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with httpx.stream("POST", self.url, json=self.body, timeout=120) as response:
+                for line in response.iter_lines():
+                    if self.stop.is_set():
+                        return  # leaving the block closes the stream: the server cancels the row
+                    if line == "data: [DONE]" or (line.startswith("data: {") and "choices" not in line):
+                        self.ended = line
+                        return
+                    if line.startswith("data: {"):
+                        choice = json.loads(line[len("data: ") :])["choices"][0]
+                        if choice["finish_reason"] is not None:
+                            self.ended = choice
+                            return
+                        self.text += choice["delta"].get("content") or ""
+                        if len(self.text) >= 8:
+                            self.decoding.set()
+        except Exception as exc:  # reported by the test
+            self.ended = exc
+        finally:
+            self.decoding.set()
+
+
 def test_constrained_and_free_rows_share_a_batch(server: RunningServer, client: openai.OpenAI) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
+    scheduler = server.app.state.engine.scheduler  # type: ignore[attr-defined]
+    assert scheduler.stats.largest_batch_size < 4  # nothing earlier in this module batched four rows
+
     def constrained(_: int) -> str:
         response = client.chat.completions.create(
-            model="hermes",
+            model="hermes-long",
             messages=ASK,
             response_format=RESPONSE_FORMAT,
             max_tokens=160,  # type: ignore[arg-type]
         )
         return response.choices[0].message.content or ""
 
-    def free(_: int) -> str:
-        response = client.chat.completions.create(model="hermes", messages=ASK, max_tokens=30)
-        return response.choices[0].message.content or ""
-
-    with ThreadPoolExecutor(6) as pool:
-        structured = list(pool.map(constrained, range(3)))
-        plain = list(pool.map(free, range(3)))
+    # Three free rows decoding first, then three constrained rows sent at once: each constrained row,
+    # from its join to its end, decodes in the same steps as the three free ones, which outlive it.
+    free = [FreeRow(server) for _ in range(3)]
+    try:
+        for row in free:
+            row.start()
+            assert row.decoding.wait(120) and row.ended is None, row.ended
+        with ThreadPoolExecutor(3) as pool:
+            structured = list(pool.map(constrained, range(3)))
+        deadline = time.monotonic() + 60
+        while scheduler.active_count > 3 and time.monotonic() < deadline:  # the answered rows leave
+            time.sleep(0.01)
+        assert [row.ended for row in free] == [None] * 3  # the free rows outlived every constrained one
+        assert scheduler.active_count == 3
+    finally:
+        for row in free:
+            row.stop.set()
+        for row in free:
+            row.join(timeout=60)
     for text in structured:
         jsonschema.validate(json.loads(text), SCHEMA)
-    assert any(not text.startswith("{") for text in plain)  # the free rows were not constrained
+    assert any(not row.text.startswith("{") for row in free)  # the free rows were not constrained
+    assert scheduler.stats.largest_batch_size >= 4  # three free rows and a constrained one in one step
+    deadline = time.monotonic() + 60
+    while scheduler.active_count:  # the closed streams are cancelled
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
 
 def test_structured_output_streams(client: openai.OpenAI) -> None:
@@ -361,19 +428,29 @@ def test_a_tool_result_round_trip_continues_the_conversation(client: openai.Open
         max_tokens=160,
     )
     call = (first.choices[0].message.tool_calls or [])[0]
-    history: list[Any] = [
-        *ASK,
-        first.choices[0].message.model_dump(exclude_none=True),
-        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"},
-    ]
-    second = client.chat.completions.create(
-        model="hermes",
-        messages=history,
-        tools=[WEATHER],
-        max_tokens=5,  # type: ignore[list-item]
-    )
-    assert second.choices[0].finish_reason in {"stop", "length", "tool_calls"}
-    assert second.usage and second.usage.prompt_tokens > (first.usage.prompt_tokens if first.usage else 0)
+
+    def answer(result: str) -> Any:
+        history: list[Any] = [
+            *ASK,
+            first.choices[0].message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": result},
+        ]
+        return client.chat.completions.create(
+            model="hermes",
+            messages=history,
+            tools=[WEATHER],  # type: ignore[list-item]
+            max_tokens=5,
+            extra_body={"ignore_eos": True},  # the model goes on for all five tokens
+        )
+
+    second = answer("sunny, 21 C")
+    # Five tokens cannot hold a <tool_call> block: the model writes text, up to the limit.
+    assert second.choices[0].finish_reason == "length" and not second.choices[0].message.tool_calls
+    assert second.usage and second.usage.completion_tokens == 5
+    assert second.usage.prompt_tokens > (first.usage.prompt_tokens if first.usage else 0)
+    # The tool result is in the prompt: a longer one (one token a byte here) makes it that much longer.
+    longer = answer("sunny, 21 C, light wind")
+    assert longer.usage and longer.usage.prompt_tokens - second.usage.prompt_tokens == len(", light wind")
 
 
 # ---------------------------------------------------------------------------------------------- LangChain
@@ -437,6 +514,8 @@ def test_streamed_content_keeps_its_logprobs_while_tools_are_offered(server: Run
         for entry in c["choices"][0]["logprobs"]["content"]
     ]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    if whole["message"].get("tool_calls") is None:  # the random model wrote text: every token is content
-        assert text == whole["message"]["content"]
-        assert streamed == [entry["token"] for entry in whole["logprobs"]["content"]]
+    # Twelve tokens (one a byte) cannot hold a whole <tool_call> block: the answer is text, every token
+    # of it content with its logprobs, streamed as in the whole answer.
+    assert whole["message"].get("tool_calls") is None and whole["finish_reason"] in {"stop", "length"}
+    assert whole["message"]["content"] and text == whole["message"]["content"]
+    assert streamed and streamed == [entry["token"] for entry in whole["logprobs"]["content"]]

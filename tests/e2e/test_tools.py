@@ -85,21 +85,31 @@ def test_a_forced_call_uses_the_hermes_format_when_the_template_shows_none(serve
         assert result["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
 
 
-def test_tool_results_in_the_history_are_passed_to_the_template(server: RunningServer) -> None:
-    history = [
-        *HELLO,
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
-            ],
-        },
-        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
-    ]
-    response = httpx.post(
-        f"{server.v1}/chat/completions",
-        json={"model": "with-tools", "messages": history, "tools": TOOLS, "max_tokens": 2},
-        timeout=60,
-    )
-    assert response.status_code == 200, response.text
+def test_tool_results_in_the_history_are_passed_to_the_template(
+    server: RunningServer, tiny_models: TinyModels
+) -> None:
+    from transformers import AutoTokenizer
+
+    call = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+        ],
+    }
+
+    def prompt_tokens(*turns: dict[str, Any]) -> int:
+        response = httpx.post(
+            f"{server.v1}/chat/completions",
+            json={"model": "with-tools", "messages": [*HELLO, *turns], "tools": TOOLS, "max_tokens": 2},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        return int(response.json()["usage"]["prompt_tokens"])
+
+    without = prompt_tokens(call)
+    with_result = prompt_tokens(call, {"role": "tool", "tool_call_id": "c1", "content": "sunny"})
+    # The template renders the tool turn like any other: exactly its tokens were added to the prompt.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.base)
+    turn = tokenizer.encode("<|im_start|>tool\nsunny<|im_end|>\n", add_special_tokens=False)
+    assert with_result - without == len(turn)

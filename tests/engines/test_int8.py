@@ -225,10 +225,15 @@ def test_unmerged_adapter_on_int8_matches_peft_on_the_dequantized_base(tmp_path:
 
 
 def _int8_engine(models: TinyModels, mode: str) -> Any:
-    from engines.catalog import AdapterPolicy, AdapterSpec, Catalog
     from engines.engine import Engine, EngineLimits
 
-    catalog = Catalog(
+    return Engine(_int8_engine_catalog(models, mode), EngineLimits(max_batch=8, prefix_cache_bytes=0))
+
+
+def _int8_engine_catalog(models: TinyModels, mode: str) -> Any:
+    from engines.catalog import AdapterPolicy, AdapterSpec, Catalog
+
+    return Catalog(
         bases=(
             BaseSpec(
                 name="tiny",
@@ -241,30 +246,61 @@ def _int8_engine(models: TinyModels, mode: str) -> Any:
         adapters=(AdapterSpec(alias="lora", source=str(models.adapter), base="tiny"),),
         policy=AdapterPolicy(adapter_dirs=(models.adapter_dirs,), base_match="warn"),
     )
-    return Engine(catalog, EngineLimits(max_batch=8, prefix_cache_bytes=0))
 
 
-def test_auto_mode_never_promotes_an_adapter_into_int8_weights(tiny_models: TinyModels) -> None:
+def test_auto_mode_never_promotes_an_adapter_into_int8_weights(
+    tiny_models: TinyModels, caplog: pytest.LogCaptureFixture
+) -> None:
     import asyncio
+    import logging
 
     from engines.pool import MERGED_SUFFIX
     from tests.engines.test_scheduler import PROMPTS as TEXTS
     from tests.engines.test_scheduler import generate
 
-    engine = _int8_engine(tiny_models, "auto")
-    engine.pool.merge_after = 2
-    try:
+    def promotions(engine: Any) -> tuple[list[str], list[str]]:
+        """Four requests where two make an adapter busy; then every promotion started has settled."""
+        engine.pool.merge_after = 2
+        caplog.clear()
 
         async def scenario() -> list[str]:
             answers = [await generate(engine, "tiny+lora", TEXTS[0]) for _ in range(4)]
-            await asyncio.sleep(0.3)
+            # A promotion is decided inline, on the request that makes the adapter busy, and runs as a
+            # task of the pool: once none is pending, whatever was started is in the pool's entries.
+            pending = list(engine.pool._promotions)
+            await asyncio.gather(*pending, return_exceptions=True)
             return answers
 
-        answers = asyncio.run(scenario())
+        with caplog.at_level(logging.INFO, logger="peft_gateway.pool"):
+            answers = asyncio.run(scenario())
+        started = [r.getMessage() for r in caplog.records if "promoting busy adapter" in r.getMessage()]
         assert len(set(answers)) == 1
-        assert not any(entry.key.endswith(MERGED_SUFFIX) for entry in engine.pool.entries())
+        return started, [entry.key for entry in engine.pool.entries() if entry.key.endswith(MERGED_SUFFIX)]
+
+    # The scenario promotes an unmerged adapter on a float base ...
+    float_engine = make_float_engine(tiny_models)
+    try:
+        started, merged = promotions(float_engine)
+        assert started and merged, (started, merged)
+    finally:
+        float_engine.close()
+    # ... and never on an int8 one: no promotion is even started.
+    engine = _int8_engine(tiny_models, "auto")
+    try:
+        assert promotions(engine) == ([], [])
     finally:
         engine.close()
+
+
+def make_float_engine(models: TinyModels) -> Any:
+    """``_int8_engine``'s catalog with float32 weights instead."""
+    from dataclasses import replace
+
+    from engines.engine import Engine, EngineLimits
+
+    catalog = _int8_engine_catalog(models, "auto")
+    float_base = replace(catalog.bases[0], quantization="none", dtype="float32")
+    return Engine(replace(catalog, bases=(float_base,)), EngineLimits(max_batch=8, prefix_cache_bytes=0))
 
 
 def test_rows_on_different_adapters_share_an_int8_batch_and_answer_as_alone(tiny_models: TinyModels) -> None:

@@ -11,7 +11,9 @@ import asyncio
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -339,3 +341,44 @@ def test_a_flagalpha_shaped_pickle_adapter_passes_every_check(tmp_path: Path) ->
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["r"] == 8 and config["lora_alpha"] == 32 and len(config["target_modules"]) == 7
     assert not (folder / "adapter_model.safetensors").exists()
+    import torch
+
+    # Through the pool's real checks (config, weights-only unpickling, strict base match against the
+    # name it declares, tensor ranks and shapes against a base of its shape), merged and unmerged.
+    base = write_llama_checkpoint(tmp_path / "base", shape, dtype="float32", pad_tokenizer=False)
+    spec = BaseSpec(
+        name="llama", source=str(base), dtype="float32", aliases=("meta-llama/Llama-2-7b-chat-hf",)
+    )
+    adapter = AdapterSpec(alias="flagalpha", source=str(folder), base="llama")
+    ids = torch.tensor([[5, 17, 99, 3, 42]])
+    logits = {}
+    for mode in ("merge", "multi"):
+        catalog = Catalog((replace(spec, adapter_mode=mode),), (adapter,), AdapterPolicy(base_match="strict"))
+        pool = ModelPool(catalog)
+        for name in ("llama", "llama+flagalpha"):
+            logits[mode, name] = asyncio.run(_logits(pool, name, ids))
+        served = {e.loaded.serving for e in pool.entries() if e.base_key}
+        assert served == {"merged" if mode == "merge" else "unmerged"}
+    assert torch.equal(logits["merge", "llama"], logits["multi", "llama"])
+    assert not torch.allclose(logits["merge", "llama+flagalpha"], logits["merge", "llama"], atol=1e-4)
+    assert torch.allclose(logits["merge", "llama+flagalpha"], logits["multi", "llama+flagalpha"], atol=1e-4)
+
+
+async def _logits(pool: ModelPool, name: str, ids: Any) -> Any:
+    """The logits of ``ids`` through ``name`` as the pool serves it (its adapter slot set if unmerged)."""
+    import torch
+
+    lease = await pool.acquire(ModelName.parse(name))
+    loaded = lease.loaded
+    try:
+        with torch.inference_mode():
+            if loaded.multilora is None:
+                return loaded.model(input_ids=ids).logits
+            with loaded.multilora.lock:
+                loaded.multilora.set_rows([loaded.adapter_slot])
+                try:
+                    return loaded.model(input_ids=ids).logits
+                finally:
+                    loaded.multilora.set_rows([])
+    finally:
+        lease.release()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -117,13 +120,43 @@ def test_auto_mode_promotes_a_busy_adapter_to_a_merged_variant(
         engine.close()
 
 
-def test_unsupported_adapter_falls_back_to_merging(tiny_models: TinyModels) -> None:
+def test_unsupported_adapter_falls_back_to_merging(
+    tiny_models: TinyModels, merged_answers: dict[tuple[str, str], str], tmp_path: Path
+) -> None:
     from engines.forward.multilora import unsupported_reason
 
     assert unsupported_reason({"modules_to_save": ["lm_head"]})
     assert unsupported_reason({"bias": "all"})
     assert unsupported_reason({"bias": "none"}) is None
-    assert replace  # keep import used for readers extending these tests
+    # The tiny adapter declaring trained biases (Llama has none, so its weights are unchanged): the
+    # unmerged path cannot serve it, so a "multi" base serves it merged, with the merged answer.
+    biased = tmp_path / "biased"
+    shutil.copytree(tiny_models.adapter, biased)
+    config = json.loads((biased / "adapter_config.json").read_text())
+    (biased / "adapter_config.json").write_text(json.dumps({**config, "bias": "all"}))
+    engine = make_engine(tiny_models, "multi")
+    engine.catalog = replace(
+        engine.catalog,
+        adapters=(*engine.catalog.adapters, AdapterSpec(alias="biased", source=str(biased), base="tiny")),
+    )
+    try:
+
+        async def scenario() -> None:
+            want = merged_answers[("tiny+lora", PROMPTS[0])]
+            assert await generate(engine, "tiny+biased", PROMPTS[0]) == want
+            assert await generate(engine, "tiny+lora", PROMPTS[0]) == want
+            base = await engine.acquire("tiny")
+            served = {}
+            for name in ("tiny+biased", "tiny+lora"):
+                lease = await engine.acquire(name)
+                served[name] = (lease.loaded.serving, lease.loaded.model is base.loaded.model)
+                lease.release()
+            base.release()
+            assert served == {"tiny+biased": ("merged", False), "tiny+lora": ("unmerged", True)}
+
+        asyncio.run(scenario())
+    finally:
+        engine.close()
 
 
 def test_prefix_cache_is_never_shared_between_unmerged_adapters_of_one_base(multi: Engine) -> None:

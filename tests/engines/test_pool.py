@@ -152,7 +152,11 @@ def test_eviction_under_a_small_budget_keeps_in_flight_requests_correct(tiny_mod
             else:
                 assert result == expected[model]
         assert any(not isinstance(r, BaseException) for _m, r in outcomes)
-        assert sum(tight.pool.stats.evictions.values()) >= 1 or len(tight.pool.entries()) <= 2
+        # Both variants were asked for and only one fits beside the base: the second one to come either
+        # evicted the first (idle by then) or was refused while the first was in use; never both held.
+        refused = sum(isinstance(r, BaseException) for _m, r in outcomes)
+        assert sum(tight.pool.stats.evictions.values()) >= 1 or refused >= 1
+        assert len(tight.pool.entries()) <= 2
         for model in models:  # once the flood is over, everything fits again, one after another
             assert asyncio.run(answer(tight, model)) == expected[model]
         assert len(tight.pool.entries()) <= 2

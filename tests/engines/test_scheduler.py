@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -17,12 +18,22 @@ from engines.sampling import SamplingParams
 from tests.conftest import TinyModels
 
 GREEDY = SamplingParams(temperature=0)
+#: Greedy, with each token's bytes in its event: answers compared token by token, never cut mid-character.
+TRACED = SamplingParams(temperature=0, logprobs=True)
 PROMPTS = ["a", "hello there, general", "xyz" * 9, "The quick brown fox jumps over", "0123456789" * 3]
+#: Answers as their tokens' bytes, one list per request.
+Tokens = list[list[tuple[int, ...]]]
+#: A context no test's stream reaches: a row running to it (``ignore_eos``) outlasts every other row.
+LONG_CONTEXT = 8192
 
 
-def tiny_catalog(tiny_models: TinyModels) -> Catalog:
+def tiny_catalog(tiny_models: TinyModels, context_length: int = 256) -> Catalog:
     return Catalog(
-        bases=(BaseSpec(name="tiny", source=str(tiny_models.base), dtype="float32", context_length=256),),
+        bases=(
+            BaseSpec(
+                name="tiny", source=str(tiny_models.base), dtype="float32", context_length=context_length
+            ),
+        ),
         adapters=(AdapterSpec(alias="lora", source=str(tiny_models.adapter), base="tiny"),),
         policy=AdapterPolicy(adapter_dirs=(tiny_models.adapter_dirs,), base_match="warn"),
     )
@@ -31,6 +42,13 @@ def tiny_catalog(tiny_models: TinyModels) -> Catalog:
 @pytest.fixture
 def engine(tiny_models: TinyModels) -> Iterator[Engine]:
     engine = Engine(tiny_catalog(tiny_models), EngineLimits(max_batch=8, max_waiting=16))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def long_engine(tiny_models: TinyModels) -> Iterator[Engine]:
+    engine = Engine(tiny_catalog(tiny_models, LONG_CONTEXT), EngineLimits(max_batch=8, max_waiting=16))
     yield engine
     engine.close()
 
@@ -50,25 +68,116 @@ async def generate(
         lease.release()
 
 
+async def greedy_tokens(engine: Engine, model: str, prompt: str, n: int) -> list[tuple[int, ...]]:
+    """Exactly ``n`` greedy tokens (``ignore_eos``), each as its bytes."""
+    lease = await engine.acquire(model)
+    try:
+        request = engine.text_request(lease, prompt, max_tokens=n, sampling=TRACED, ignore_eos=True)
+        tokens = []
+        async for event in engine.generate(lease, request):
+            assert event.error is None
+            tokens.extend(entry.bytes for entry in event.logprobs)
+        return tokens
+    finally:
+        lease.release()
+
+
+class Endless:
+    """A greedy stream that runs until ``stop`` (``ignore_eos``, up to the context): it outlasts any row
+    that starts after it, by construction, and its tokens are kept as bytes for comparison."""
+
+    def __init__(self, engine: Engine, model: str, prompt: str) -> None:
+        self.engine = engine
+        self.tokens: list[tuple[int, ...]] = []
+        self.finished = False  # it ran out (or failed) by itself before it was stopped
+        self.task = asyncio.create_task(self._run(engine, model, prompt))
+
+    async def _run(self, engine: Engine, model: str, prompt: str) -> None:
+        lease = await engine.acquire(model)
+        try:
+            request = engine.text_request(lease, prompt, max_tokens=None, sampling=TRACED, ignore_eos=True)
+            async with contextlib.aclosing(engine.generate(lease, request)) as events:
+                async for event in events:
+                    self.tokens.extend(entry.bytes for entry in event.logprobs)
+                    self.finished = event.done
+        finally:
+            lease.release()
+
+    async def until(self, count: int) -> None:
+        """Until the stream has ``count`` tokens (it is in its batch and decoding)."""
+        await until(lambda: len(self.tokens) >= count or self.task.done())
+        assert len(self.tokens) >= count and not self.finished
+
+    async def stop(self) -> list[tuple[int, ...]]:
+        assert not self.finished and not self.task.done(), "the endless stream ended by itself"
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        return self.tokens
+
+    @staticmethod
+    async def stop_all(streams: list[Endless]) -> list[list[tuple[int, ...]]]:
+        """Stop every stream, then wait for the engine to drop their rows (before the loop closes)."""
+        tokens = [await stream.stop() for stream in streams]
+        await until(lambda: all(stream.engine.scheduler.active_count == 0 for stream in streams))
+        return tokens
+
+
+async def until(condition: Any, within: float = 120.0) -> None:
+    """Poll ``condition`` until it holds; fail after a generous ``within`` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out waiting for a condition"
+        await asyncio.sleep(0.005)
+
+
+@contextlib.asynccontextmanager
+async def admitted_together(engine: Engine, count: int) -> AsyncIterator[None]:
+    """Requests submitted inside wait until ``count`` are queued, then join one iteration together.
+
+    The engine thread takes the scheduler's condition lock to admit what waits; holding it (a
+    re-entrant lock, so submitting from this thread still works) keeps every row queued until the last
+    one is. They are then admitted, prefilled (short prompts: one chunk) and joined in one iteration.
+    """
+    scheduler = engine.scheduler
+    waiting = scheduler.queue_depth
+    with scheduler._cond:
+        yield
+        await until(lambda: scheduler.queue_depth >= waiting + count)
+
+
 def test_batched_greedy_output_equals_one_at_a_time(engine: Engine) -> None:
     async def scenario() -> None:
         models = ["tiny", "tiny+lora", "tiny+other-base-lora"]
         jobs = [(models[i % 3], prompt) for i, prompt in enumerate(PROMPTS * 2)]
         alone = [await generate(engine, m, p) for m, p in jobs]
-        together = await asyncio.gather(*(generate(engine, m, p) for m, p in jobs))
-        assert list(together) == alone
-        assert engine.scheduler.stats.last_batch_size >= 1
+        assert engine.scheduler.stats.largest_batch_size == 1
+        engine.scheduler.max_active = len(jobs)  # all ten rows admitted at once
+        async with admitted_together(engine, len(jobs)):
+            tasks = [asyncio.create_task(generate(engine, m, p)) for m, p in jobs]
+        assert list(await asyncio.gather(*tasks)) == alone
+        # One batch per model: every row of the busiest model (4 of the 10) decoded in the same steps.
+        assert engine.scheduler.stats.largest_batch_size == max(Counter(m for m, _ in jobs).values())
 
     asyncio.run(scenario())
 
 
-def test_requests_joining_mid_stream_get_their_own_answers(engine: Engine) -> None:
+def test_requests_joining_mid_stream_get_their_own_answers(long_engine: Engine) -> None:
+    engine = long_engine
+
     async def scenario() -> None:
-        alone = [await generate(engine, "tiny", p, n=40) for p in PROMPTS]
-        first = [asyncio.create_task(generate(engine, "tiny", p, n=40)) for p in PROMPTS[:2]]
-        await asyncio.sleep(0.05)
-        later = [asyncio.create_task(generate(engine, "tiny", p, n=40)) for p in PROMPTS[2:]]
-        assert [*(await asyncio.gather(*first)), *(await asyncio.gather(*later))] == alone
+        alone = [await greedy_tokens(engine, "tiny", p, 40) for p in PROMPTS]
+        first = [Endless(engine, "tiny", p) for p in PROMPTS[:2]]
+        for stream in first:
+            await stream.until(1)  # mid-stream: decoding in its batch
+        async with admitted_together(engine, len(PROMPTS[2:])):
+            later = [asyncio.create_task(greedy_tokens(engine, "tiny", p, 40)) for p in PROMPTS[2:]]
+        joined = list(await asyncio.gather(*later))
+        for stream in first:  # still running beside every later row, from before its join to its end
+            await stream.until(40)
+        early = [tokens[:40] for tokens in await Endless.stop_all(first)]
+        assert [*early, *joined] == alone
+        assert engine.scheduler.stats.largest_batch_size == len(PROMPTS)
 
     asyncio.run(scenario())
 
@@ -151,8 +260,11 @@ def test_prefix_reuse_never_changes_an_answer_and_is_per_model(engine: Engine) -
     asyncio.run(scenario())
 
 
-def test_a_repeated_prompt_joins_the_batch_with_its_last_token_instead_of_a_prefill(engine: Engine) -> None:
+def test_a_repeated_prompt_joins_the_batch_with_its_last_token_instead_of_a_prefill(
+    long_engine: Engine,
+) -> None:
     """With all but its last token cached, a prompt runs no forward of its own; its answer is unchanged."""
+    engine = long_engine
     prompt = "A prompt long enough to be kept whole in the prefix cache. " * 2
 
     async def scenario() -> None:
@@ -166,11 +278,13 @@ def test_a_repeated_prompt_joins_the_batch_with_its_last_token_instead_of_a_pref
         lease = await engine.acquire("tiny")
         other_tokens = len(encode_text(lease.loaded.tokenizer, PROMPTS[1], add_special_tokens=True))
         lease.release()
-        other = asyncio.create_task(generate(engine, "tiny", PROMPTS[1], n=60))
-        await asyncio.sleep(0.05)
-        together = await asyncio.gather(*(generate(engine, "tiny", prompt, n=16) for _ in range(4)))
-        assert list(together) == [cold[0]] * 4
-        await other
+        other = Endless(engine, "tiny", PROMPTS[1])
+        await other.until(1)  # mid-answer, and it stays so until stopped
+        async with admitted_together(engine, 4):
+            repeats = [asyncio.create_task(generate(engine, "tiny", prompt, n=16)) for _ in range(4)]
+        assert list(await asyncio.gather(*repeats)) == [cold[0]] * 4
+        await Endless.stop_all([other])
+        assert engine.scheduler.stats.largest_batch_size == 5  # the four repeats beside the other row
         assert engine.scheduler.stats.prefill_tokens == prefilled + other_tokens
 
     asyncio.run(scenario())
@@ -265,19 +379,27 @@ def test_no_step_reads_a_kv_cell_before_it_is_written(
 
     from engines.forward.kvcache import BatchKVCache
 
-    def alone_then_together() -> tuple[list[str], list[str]]:
-        engine = Engine(tiny_catalog(tiny_models), EngineLimits(max_batch=8, lean_decode=lean))
+    def alone_then_together() -> tuple[Tokens, Tokens]:
+        catalog = tiny_catalog(tiny_models, LONG_CONTEXT)
+        engine = Engine(catalog, EngineLimits(max_batch=8, lean_decode=lean))
         try:
 
-            async def scenario() -> tuple[list[str], list[str]]:
+            async def scenario() -> tuple[Tokens, Tokens]:
                 jobs = [("tiny+lora" if i % 2 else "tiny", p) for i, p in enumerate(PROMPTS)]
-                alone = [await generate(engine, m, p, n=40) for m, p in jobs]
+                alone = [await greedy_tokens(engine, m, p, 40) for m, p in jobs]
                 # Short prompts first, longer ones joining mid-stream: the batch shifts right and grows.
-                first = [asyncio.create_task(generate(engine, m, p, n=40)) for m, p in jobs[:2]]
-                await asyncio.sleep(0.05)
-                later = [asyncio.create_task(generate(engine, m, p, n=40)) for m, p in jobs[2:]]
-                together = [*(await asyncio.gather(*first)), *(await asyncio.gather(*later))]
-                return alone, together
+                first = [Endless(engine, m, p) for m, p in jobs[:2]]
+                for stream in first:
+                    await stream.until(1)
+                async with admitted_together(engine, len(jobs[2:])):
+                    later = [asyncio.create_task(greedy_tokens(engine, m, p, 40)) for m, p in jobs[2:]]
+                joined = list(await asyncio.gather(*later))
+                for stream in first:
+                    await stream.until(40)
+                early = [tokens[:40] for tokens in await Endless.stop_all(first)]
+                # Both rows of each model's batch were running when the later rows joined it.
+                assert engine.scheduler.stats.largest_batch_size == 3  # "tiny": one early row, two later
+                return alone, [*early, *joined]
 
             return asyncio.run(scenario())
         finally:

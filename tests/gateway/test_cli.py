@@ -89,7 +89,19 @@ def test_pull_of_a_hub_model_no_config_names_fails_before_downloading(tmp_path: 
     assert not (tmp_path / "hub").exists()
 
 
-def test_chat_reads_piped_lines_and_keeps_history(server: RunningServer) -> None:
+def test_chat_reads_piped_lines_and_keeps_history(
+    server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engines.engine import Engine
+
+    sent: list[list[tuple[str, str | None]]] = []  # the messages of each chat request the server got
+    real_chat_request = Engine.chat_request
+
+    def recording(self: Engine, lease: Any, messages: list[Any], **kwargs: Any) -> Any:
+        sent.append([(m.role, m.content) for m in messages])
+        return real_chat_request(self, lease, messages, **kwargs)
+
+    monkeypatch.setattr(Engine, "chat_request", recording)  # the server runs in this process
     result = cli(
         "chat",
         "tiny",
@@ -99,11 +111,18 @@ def test_chat_reads_piped_lines_and_keeps_history(server: RunningServer) -> None
         "4",
         "--temperature",
         "0",
-        stdin="hello\n/reset\nsecond message\n/exit\nnever sent\n",
+        stdin="hello\nagain\n/reset\nsecond message\n/exit\nnever sent\n",
     )
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout.splitlines()) == 2  # one reply line per message before /exit
     assert "history cleared" in result.stderr
+    assert len(sent) == 3 and len(result.stdout.splitlines()) == 3  # one per message before /exit
+    first_reply = sent[1][1][1]
+    assert sent == [
+        [("user", "hello")],
+        [("user", "hello"), ("assistant", first_reply), ("user", "again")],  # the reply is kept
+        [("user", "second message")],  # /reset cleared the history
+    ]
+    assert result.stdout.startswith(f"{first_reply}\n")  # the reply kept is the one printed
 
 
 def test_errors_are_one_line_with_meaningful_exit_codes(server: RunningServer) -> None:

@@ -24,8 +24,47 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 MODELS = ("tiny", *(f"tiny+{name}" for name in ADAPTERS))
 HEADER = "x-peft-gateway-replica"
-#: How long a name's first request is given to reach the ingress's router as "held by this replica".
-ROUTING_SETTLE_SECONDS = 2.0
+#: The tiny model's context here: a stream ``ignore_eos`` up to it runs far longer than any test waits.
+CONTEXT = 16384
+
+
+@pytest.fixture(scope="module")
+def ray_settings(ray_settings: Settings) -> Settings:
+    """The shared cluster settings (tests/ray/conftest.py) with a context no test's stream reaches."""
+    tiny = ray_settings.models["tiny"].model_copy(update={"context_length": CONTEXT})
+    return ray_settings.model_copy(update={"models": {"tiny": tiny}})
+
+
+def routed_holders(gateway: RayGateway, model_id: str) -> set[str]:
+    """The engine replicas that Serve's controller last told the routers hold ``model_id``.
+
+    A replica reports the model ids it serves to the controller, which broadcasts the running replicas
+    (with their ids) to every router over its long poll; this reads that broadcast (its current
+    snapshot: ``listen_for_change`` answers at once for a snapshot id it does not have).
+    """
+    from ray.serve._private.common import DeploymentID
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    from ray.serve._private.long_poll import LongPollNamespace
+
+    from gateway.cluster.deploy import APP_NAME
+
+    controller = gateway.ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    key = (LongPollNamespace.DEPLOYMENT_TARGETS, DeploymentID(name="EngineReplica", app_name=APP_NAME))
+    updates = gateway.ray.get(controller.listen_for_change.remote({key: -1}), timeout=60)
+    return {
+        replica.replica_id.to_full_id_str()
+        for replica in updates[key].object_snapshot.running_replicas
+        if model_id in replica.multiplexed_model_ids
+    }
+
+
+def wait_routed(gateway: RayGateway, model_id: str, owner: str, timeout: float = 120.0) -> None:
+    """Until the routers have been told that ``owner``, and only it, holds ``model_id``."""
+    deadline = time.monotonic() + timeout
+    while (holders := routed_holders(gateway, model_id)) != {owner}:
+        assert time.monotonic() < deadline, f"{model_id} is routed to {holders}, not {owner}"
+        assert not holders - {owner}, f"{model_id} was loaded on another replica too: {holders}"
+        time.sleep(0.05)
 
 
 def chat(url: str, model: str, **extra: Any) -> httpx.Response:
@@ -96,13 +135,13 @@ def test_requests_stick_to_the_replica_that_first_loaded_their_adapter(ray_gatew
     # Warm-up: a replica tells Serve's controller which ids it holds, and the controller tells the
     # ingress's router, asynchronously. On two busy cores that took over a second in CI, and a second
     # request sent sooner went to the other replica, which then loaded the adapter too (two holders
-    # split the traffic). So each name's first request is followed by a pause before the second; the
-    # replica the name settles on by then is its owner from then on.
+    # split the traffic). So after each name's first request the test waits until the controller has
+    # broadcast its replica as the name's only holder; the second request then goes there too.
     owners = {}
     for name in ADAPTERS:
-        chat(ray_gateway.url, f"tiny+{name}")
-        time.sleep(ROUTING_SETTLE_SECONDS)
         owners[name] = chat(ray_gateway.url, f"tiny+{name}").headers[HEADER]
+        wait_routed(ray_gateway, f"tiny+{name}", owners[name])
+        assert chat(ray_gateway.url, f"tiny+{name}").headers[HEADER] == owners[name]
     served: dict[str, Counter[str]] = {name: Counter() for name in ADAPTERS}
     lock = threading.Lock()
 
@@ -211,7 +250,7 @@ def test_models_and_metrics_show_every_replica(ray_gateway: RayGateway) -> None:
 def test_errors_keep_their_openai_shape(ray_gateway: RayGateway) -> None:
     missing = chat(ray_gateway.url, "nope+org/adapter")
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "model"
-    too_long = chat(ray_gateway.url, "tiny+lora-a", max_tokens=10_000)
+    too_long = chat(ray_gateway.url, "tiny+lora-a", max_tokens=CONTEXT + 1)
     assert too_long.status_code == 400
     assert too_long.json()["error"]["code"] == "context_length_exceeded"
     refused = httpx.post(
@@ -224,31 +263,35 @@ def test_killed_replica_loses_no_request_that_had_not_started(
     ray_gateway: RayGateway, expected: dict[str, str]
 ) -> None:
     victim = chat(ray_gateway.url, "tiny+lora-d").headers[HEADER]
+    wait_routed(ray_gateway, "tiny+lora-d", victim)  # the stream below goes to the victim too
     frames: list[str] = []
+    served_by: list[str] = []
     first_token = threading.Event()
 
     def long_stream() -> None:
         body = {
             "model": "tiny+lora-d",
             "messages": QUESTION,
-            "max_tokens": 200,
+            "max_tokens": CONTEXT - 64,  # it runs until its replica is killed
             "ignore_eos": True,
             "temperature": 0,
             "stream": True,
         }
         with httpx.stream("POST", f"{ray_gateway.v1}/chat/completions", json=body, timeout=120) as response:
+            served_by.append(response.headers[HEADER])
             for line in response.iter_lines():
                 if line.startswith("data: "):
                     frames.append(line[len("data: ") :])
                     if '"content"' in line:
                         first_token.set()
 
-    streamer = threading.Thread(target=long_stream)
+    streamer = threading.Thread(target=long_stream, daemon=True)
     streamer.start()
-    assert first_token.wait(60)
+    assert first_token.wait(60) and served_by == [victim]
     ray_gateway.ray.kill(ray_gateway.ray.get_actor(victim, namespace="serve"), no_restart=True)
     results = [(model, chat(ray_gateway.url, model)) for _ in range(2) for model in MODELS]
     streamer.join(120)
+    assert not streamer.is_alive(), "the stream went on after its replica was killed"
     assert frames[-1] == "[DONE]"
     assert not any('"finish_reason"' in frame and '"finish_reason":null' not in frame for frame in frames)
     assert json.loads(frames[-2])["error"]["code"] == "replica_unavailable"
