@@ -47,7 +47,6 @@ def decode_kernels(dtype: Any, device: Any, rows: int) -> Iterator[None]:
     The switch is process-wide (torch has no per-call choice), so only the engine thread, which runs
     every forward pass, may use it; the previous setting is restored on exit.
     """
-
     if rows >= ONEDNN_MIN_ROWS_BF16 or dtype != torch.bfloat16 or torch.device(device).type != "cpu":
         yield
         return
